@@ -1,0 +1,64 @@
+"""mtloop.Loop: the C core joined with asyncio's event loop API."""
+
+from __future__ import annotations
+
+import asyncio
+from asyncio import base_events
+from asyncio.log import logger
+from typing import Any
+
+from . import _mtloop
+from ._signals import SignalMethods
+from ._sock import SocketMethods
+
+__all__ = ["Loop"]
+
+
+class Loop(_mtloop.LoopCore, SignalMethods, SocketMethods, asyncio.BaseEventLoop):
+    """An asyncio event loop whose run loop, handles, timers and fd watchers
+    are in C (mtloop._mtloop.LoopCore).
+
+    The C base comes first in the MRO, so its call_soon/call_later/call_at/
+    call_soon_threadsafe/time/_run_once/add_reader/... replace the stock
+    ones; asyncio.BaseEventLoop supplies the cold paths on top of them
+    (run_until_complete, tasks, exception handling, executors, address
+    resolution)."""
+
+    def __init__(self) -> None:
+        asyncio.BaseEventLoop.__init__(self)
+        self._signal_handlers = {}
+        self._mt_signal_socks = None
+
+    def run_forever(self) -> None:
+        restore = self._mt_install_wakeup_fd() if not self.is_running() else None
+        try:
+            super().run_forever()
+        finally:
+            if restore is not None:
+                restore()
+
+    def close(self) -> None:
+        if self.is_running():
+            raise RuntimeError("Cannot close a running event loop")
+        if self.is_closed():
+            return
+        self._mt_remove_all_signal_handlers()
+        super().close()
+        self._mt_close_signal_socket()
+        self._core_close()
+
+    def _mt_callback_error(self, handle: Any, exc: BaseException) -> None:
+        """A callback raised: report it as asyncio's Handle._run() does."""
+        cb = base_events.format_helpers._format_callback_source(handle._callback, handle._args)
+        context = {
+            "message": f"Exception in callback {cb}",
+            "exception": exc,
+            "handle": handle,
+        }
+        if handle._source_traceback:
+            context["source_traceback"] = handle._source_traceback
+        self.call_exception_handler(context)
+
+    def _mt_slow_callback(self, handle: Any, seconds: float) -> None:
+        logger.warning("Executing %s took %.3f seconds",
+                       base_events._format_handle(handle), seconds)

@@ -1,0 +1,852 @@
+/* LoopCore: scheduling and the run loop.  See loop.h. */
+#include "loop/loop.h"
+
+#include <errno.h>
+#include <event2/event.h>
+#include <math.h>
+#include <structmember.h>
+#include <time.h>
+
+#include "loop/fd_watch.h"
+#include "loop/handle.h"
+#include "pyext/module.h"
+
+/* asyncio's cap on one wait, so a clock jump cannot park the loop forever. */
+#define MT_MAX_WAIT_SECONDS (24.0 * 3600.0)
+/* Compact the timer heap when more than half of at least this many are cancelled. */
+#define MT_MIN_TIMERS_FOR_COMPACTION 100
+
+double mt_loop_time(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static PyObject *loop_closed_error(void)
+{
+    PyErr_SetString(PyExc_RuntimeError, "Event loop is closed");
+    return NULL;
+}
+
+static inline bool on_owner_thread(mt_loop *self)
+{
+    return atomic_load_explicit(&self->owner_thread, memory_order_relaxed) ==
+           PyThread_get_thread_ident();
+}
+
+/* ---- cold paths delegated to the Python class --------------------------- */
+
+int mt_loop_report_callback_error(mt_loop *loop, PyObject *handle, PyObject *exc)
+{
+    PyObject *res = PyObject_CallMethod((PyObject *)loop, "_mt_callback_error", "OO",
+                                        handle, exc);
+    Py_DECREF(exc);
+    if (res == NULL)
+        return -1;
+    Py_DECREF(res);
+    return 0;
+}
+
+PyObject *mt_loop_source_traceback(mt_loop *loop)
+{
+    (void)loop;
+    return mt_call_helper("extract_stack", NULL, 0);
+}
+
+/* In debug mode asyncio checks the calling thread and the callback. */
+static int debug_checks(mt_loop *self, PyObject *callback, const char *method, bool thread)
+{
+    PyObject *res;
+    if (thread) {
+        res = PyObject_CallMethod((PyObject *)self, "_check_thread", NULL);
+        if (res == NULL)
+            return -1;
+        Py_DECREF(res);
+    }
+    res = PyObject_CallMethod((PyObject *)self, "_check_callback", "Os", callback, method);
+    if (res == NULL)
+        return -1;
+    Py_DECREF(res);
+    return 0;
+}
+
+/* ---- argument parsing ------------------------------------------------- */
+
+/* Splits f(<npos fixed>, *args, context=None) called with FASTCALL|KEYWORDS. */
+static int parse_call_args(const char *fname, const char *const *posnames, Py_ssize_t npos,
+                           Py_ssize_t nargs, PyObject *kwnames, PyObject *const *args,
+                           PyObject **context)
+{
+    *context = NULL;
+    if (kwnames != NULL) {
+        Py_ssize_t nkw = PyTuple_GET_SIZE(kwnames);
+        for (Py_ssize_t i = 0; i < nkw; i++) {
+            PyObject *name = PyTuple_GET_ITEM(kwnames, i);
+            if (PyUnicode_CompareWithASCIIString(name, "context") != 0) {
+                PyErr_Format(PyExc_TypeError, "%s() got an unexpected keyword argument '%U'",
+                             fname, name);
+                return -1;
+            }
+            *context = args[nargs + i];
+        }
+    }
+    if (nargs < npos) {
+        PyErr_Format(PyExc_TypeError, "%s() missing required positional argument: '%s'",
+                     fname, posnames[nargs]);
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- scheduling ------------------------------------------------------- */
+
+static int push_ready(mt_loop *self, PyObject *handle)
+{
+    if (mt_ready_queue_push(&self->ready, Py_NewRef(handle)) < 0) {
+        Py_DECREF(handle);
+        PyErr_NoMemory();
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *loop_call_soon(mt_loop *self, PyObject *const *args, Py_ssize_t nargs,
+                                PyObject *kwnames)
+{
+    static const char *const names[] = {"callback"};
+    PyObject *context;
+    if (parse_call_args("call_soon", names, 1, nargs, kwnames, args, &context) < 0)
+        return NULL;
+    if (self->closed || self->core_closed)
+        return loop_closed_error();
+    if (self->debug && debug_checks(self, args[0], "call_soon", true) < 0)
+        return NULL;
+    mt_handle *h = mt_handle_new(self, args[0], args + 1, nargs - 1, context);
+    if (h == NULL)
+        return NULL;
+    if (push_ready(self, (PyObject *)h) < 0) {
+        Py_DECREF(h);
+        return NULL;
+    }
+    return (PyObject *)h;
+}
+
+static PyObject *loop_call_soon_threadsafe(mt_loop *self, PyObject *const *args,
+                                           Py_ssize_t nargs, PyObject *kwnames)
+{
+    static const char *const names[] = {"callback"};
+    PyObject *context;
+    if (parse_call_args("call_soon_threadsafe", names, 1, nargs, kwnames, args, &context) < 0)
+        return NULL;
+    if (self->closed || self->core_closed)
+        return loop_closed_error();
+    if (self->debug && debug_checks(self, args[0], "call_soon_threadsafe", false) < 0)
+        return NULL;
+    mt_handle *h = mt_handle_new(self, args[0], args + 1, nargs - 1, context);
+    if (h == NULL)
+        return NULL;
+    /* On the loop's own thread, or while no thread runs the loop, the ready
+     * queue is ours under the GIL and appending there keeps asyncio's FIFO
+     * order with call_soon().  Another thread hands the handle over through
+     * the MPSC queue and wakes the loop only if it sleeps. */
+    if (!atomic_load_explicit(&self->running, memory_order_acquire) || on_owner_thread(self)) {
+        if (push_ready(self, (PyObject *)h) < 0) {
+            Py_DECREF(h);
+            return NULL;
+        }
+    } else {
+        Py_INCREF(h); /* owned by the queue until drained */
+        mt_mpsc_queue_push(&self->threadsafe, &h->node);
+        mt_waker_notify(&self->waker);
+    }
+    return (PyObject *)h;
+}
+
+static PyObject *schedule_at(mt_loop *self, double when, PyObject *const *args,
+                             Py_ssize_t nargs, PyObject *context)
+{
+    if (self->closed || self->core_closed)
+        return loop_closed_error();
+    if (self->debug && debug_checks(self, args[0], "call_at", true) < 0)
+        return NULL;
+    mt_timer_handle *t = mt_timer_handle_new(self, when, args[0], args + 1, nargs - 1, context);
+    if (t == NULL)
+        return NULL;
+    if (mt_timer_heap_push(&self->timers, when, Py_NewRef(t)) < 0) {
+        Py_DECREF(t);
+        Py_DECREF(t);
+        return PyErr_NoMemory();
+    }
+    t->scheduled = 1;
+    return (PyObject *)t;
+}
+
+static PyObject *loop_call_later(mt_loop *self, PyObject *const *args, Py_ssize_t nargs,
+                                 PyObject *kwnames)
+{
+    static const char *const names[] = {"delay", "callback"};
+    PyObject *context;
+    if (parse_call_args("call_later", names, 2, nargs, kwnames, args, &context) < 0)
+        return NULL;
+    if (args[0] == Py_None) {
+        PyErr_SetString(PyExc_TypeError, "delay must not be None");
+        return NULL;
+    }
+    double delay = PyFloat_AsDouble(args[0]);
+    if (delay == -1.0 && PyErr_Occurred())
+        return NULL;
+    return schedule_at(self, mt_loop_time() + delay, args + 1, nargs - 1, context);
+}
+
+static PyObject *loop_call_at(mt_loop *self, PyObject *const *args, Py_ssize_t nargs,
+                              PyObject *kwnames)
+{
+    static const char *const names[] = {"when", "callback"};
+    PyObject *context;
+    if (parse_call_args("call_at", names, 2, nargs, kwnames, args, &context) < 0)
+        return NULL;
+    if (args[0] == Py_None) {
+        PyErr_SetString(PyExc_TypeError, "when cannot be None");
+        return NULL;
+    }
+    double when = PyFloat_AsDouble(args[0]);
+    if (when == -1.0 && PyErr_Occurred())
+        return NULL;
+    return schedule_at(self, when, args + 1, nargs - 1, context);
+}
+
+static PyObject *loop_time(mt_loop *Py_UNUSED(self), PyObject *Py_UNUSED(ignored))
+{
+    return PyFloat_FromDouble(mt_loop_time());
+}
+
+static PyObject *loop_add_callback(mt_loop *self, PyObject *handle)
+{
+    if (self->core_closed)
+        return loop_closed_error();
+    if (mt_handle_check(handle)) {
+        if (((mt_handle *)handle)->cancelled)
+            Py_RETURN_NONE;
+    } else {
+        PyObject *c = PyObject_GetAttrString(handle, "_cancelled");
+        if (c == NULL)
+            return NULL;
+        int cancelled = PyObject_IsTrue(c);
+        Py_DECREF(c);
+        if (cancelled < 0)
+            return NULL;
+        if (cancelled)
+            Py_RETURN_NONE;
+    }
+    if (push_ready(self, handle) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *loop_timer_handle_cancelled(mt_loop *Py_UNUSED(self), PyObject *Py_UNUSED(h))
+{
+    /* mtloop's own TimerHandle accounts for itself; nothing else is scheduled here. */
+    Py_RETURN_NONE;
+}
+
+/* ---- fd watchers -------------------------------------------------------- */
+
+/* selectors' rules: an int, or an object whose fileno() gives one. */
+static int fileobj_to_fd(PyObject *fileobj)
+{
+    long fd;
+    if (PyLong_Check(fileobj)) {
+        fd = PyLong_AsLong(fileobj);
+        if (fd == -1 && PyErr_Occurred())
+            return -1;
+    } else {
+        PyObject *res = PyObject_CallMethod(fileobj, "fileno", NULL);
+        if (res != NULL && PyLong_Check(res)) {
+            fd = PyLong_AsLong(res);
+        } else {
+            fd = -1;
+            if (res != NULL || PyErr_ExceptionMatches(PyExc_AttributeError) ||
+                PyErr_ExceptionMatches(PyExc_TypeError) ||
+                PyErr_ExceptionMatches(PyExc_ValueError)) {
+                PyErr_Clear();
+                PyErr_Format(PyExc_ValueError, "Invalid file object: %R", fileobj);
+            }
+        }
+        Py_XDECREF(res);
+        if (fd == -1 && PyErr_Occurred())
+            return -1;
+    }
+    if (fd < 0 || fd > INT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "Invalid file descriptor: %ld", fd);
+        return -1;
+    }
+    return (int)fd;
+}
+
+/* Adding or removing a watcher touches the base, which only the loop thread
+ * may do; asyncio leaves this unchecked, but here it would corrupt the base. */
+static int check_watch_thread(mt_loop *self)
+{
+    if (atomic_load_explicit(&self->running, memory_order_acquire) && !on_owner_thread(self)) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "Non-thread-safe operation invoked on an event loop other "
+                        "than the current one");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *add_watch(mt_loop *self, int dir, PyObject *const *args, Py_ssize_t nargs,
+                           const char *fname)
+{
+    if (nargs < 2) {
+        PyErr_Format(PyExc_TypeError, "%s() missing required positional argument: '%s'",
+                     fname, nargs == 0 ? "fd" : "callback");
+        return NULL;
+    }
+    int fd = fileobj_to_fd(args[0]);
+    if (fd < 0)
+        return NULL;
+    if (self->closed || self->core_closed)
+        return loop_closed_error();
+    if (check_watch_thread(self) < 0)
+        return NULL;
+    if (self->debug && debug_checks(self, args[1], fname, false) < 0)
+        return NULL;
+    mt_handle *h = mt_handle_new(self, args[1], args + 2, nargs - 2, NULL);
+    if (h == NULL)
+        return NULL;
+    if (mt_fd_watch_add(self, fd, dir, (PyObject *)h) < 0) {
+        Py_DECREF(h);
+        return NULL;
+    }
+    return (PyObject *)h;
+}
+
+static PyObject *remove_watch(mt_loop *self, int dir, PyObject *fileobj)
+{
+    int fd = fileobj_to_fd(fileobj);
+    if (fd < 0)
+        return NULL;
+    if (self->closed || self->core_closed)
+        Py_RETURN_FALSE;
+    if (check_watch_thread(self) < 0)
+        return NULL;
+    int rc = mt_fd_watch_remove(self, fd, dir);
+    if (rc < 0)
+        return NULL;
+    return PyBool_FromLong(rc);
+}
+
+static PyObject *loop_add_reader_handle(mt_loop *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    return add_watch(self, MT_WATCH_READ, args, nargs, "add_reader");
+}
+
+static PyObject *loop_add_writer_handle(mt_loop *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    return add_watch(self, MT_WATCH_WRITE, args, nargs, "add_writer");
+}
+
+static PyObject *none_or_null(PyObject *res)
+{
+    if (res == NULL)
+        return NULL;
+    Py_DECREF(res);
+    Py_RETURN_NONE;
+}
+
+static PyObject *loop_add_reader(mt_loop *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    return none_or_null(loop_add_reader_handle(self, args, nargs));
+}
+
+static PyObject *loop_add_writer(mt_loop *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    return none_or_null(loop_add_writer_handle(self, args, nargs));
+}
+
+static PyObject *loop_remove_reader(mt_loop *self, PyObject *fd)
+{
+    return remove_watch(self, MT_WATCH_READ, fd);
+}
+
+static PyObject *loop_remove_writer(mt_loop *self, PyObject *fd)
+{
+    return remove_watch(self, MT_WATCH_WRITE, fd);
+}
+
+/* ---- the run loop ------------------------------------------------------- */
+
+static void on_waker_event(evutil_socket_t Py_UNUSED(fd), short Py_UNUSED(what), void *arg)
+{
+    mt_waker_drain(&((mt_loop *)arg)->waker);
+}
+
+static void on_timeout_event(evutil_socket_t Py_UNUSED(fd), short Py_UNUSED(what),
+                             void *Py_UNUSED(arg))
+{
+    /* Firing is all it takes: it ends the wait. */
+}
+
+/* Moves call_soon_threadsafe handles into the ready queue.  Returns false
+ * when a producer was caught mid-push and the queue must be looked at again. */
+static bool drain_threadsafe(mt_loop *self)
+{
+    mt_mpsc_node *node;
+    while ((node = mt_mpsc_queue_pop(&self->threadsafe)) != NULL) {
+        PyObject *h = (PyObject *)MT_CONTAINER_OF(node, mt_handle, node);
+        /* The queue's reference moves to the ready queue. */
+        if (mt_ready_queue_push(&self->ready, h) < 0) {
+            /* Out of memory: run it now rather than lose it. */
+            if (mt_handle_run((mt_handle *)h) < 0)
+                PyErr_WriteUnraisable(h);
+            Py_DECREF(h);
+        }
+    }
+    return mt_mpsc_queue_is_empty(&self->threadsafe);
+}
+
+static int keep_live_timer(void *data, void *Py_UNUSED(arg))
+{
+    return !((mt_handle *)data)->cancelled;
+}
+
+static void collect_dead_timer(void *data, void *arg)
+{
+    ((mt_timer_handle *)data)->scheduled = 0;
+    /* Released after the heap is consistent again: a release may run code. */
+    if (PyList_Append((PyObject *)arg, (PyObject *)data) == 0)
+        Py_DECREF(data);
+}
+
+static void drop_cancelled_timers(mt_loop *self)
+{
+    size_t n = mt_timer_heap_len(&self->timers);
+    if (n > MT_MIN_TIMERS_FOR_COMPACTION && self->timer_cancelled_count * 2 > (Py_ssize_t)n) {
+        PyObject *dead = PyList_New(0);
+        if (dead != NULL) {
+            mt_timer_heap_filter(&self->timers, keep_live_timer, collect_dead_timer, dead);
+            self->timer_cancelled_count = 0;
+            Py_DECREF(dead);
+            return;
+        }
+        PyErr_Clear(); /* fall back to trimming the head */
+    }
+    const mt_timer *top;
+    while ((top = mt_timer_heap_peek(&self->timers)) != NULL &&
+           ((mt_handle *)top->data)->cancelled) {
+        mt_timer t;
+        mt_timer_heap_pop(&self->timers, &t);
+        ((mt_timer_handle *)t.data)->scheduled = 0;
+        self->timer_cancelled_count--;
+        Py_DECREF((PyObject *)t.data);
+    }
+}
+
+/* Waits for fd events, a wakeup or the timeout (<0: none) with the GIL
+ * released.  libevent's callbacks only record what fired. */
+static int wait_for_events(mt_loop *self, double timeout)
+{
+    int rc;
+    if (timeout == 0.0) {
+        rc = event_base_loop(self->base, EVLOOP_ONCE | EVLOOP_NONBLOCK);
+    } else {
+        if (timeout > 0.0) {
+            /* Round up so the wait never ends before the timer is due. */
+            double usec = ceil(timeout * 1e6);
+            struct timeval tv = {.tv_sec = (time_t)(usec / 1e6),
+                                 .tv_usec = (suseconds_t)fmod(usec, 1e6)};
+            event_add(self->timeout_event, &tv);
+        }
+        Py_BEGIN_ALLOW_THREADS
+        rc = event_base_loop(self->base, EVLOOP_ONCE);
+        Py_END_ALLOW_THREADS
+        if (timeout > 0.0)
+            event_del(self->timeout_event);
+    }
+    if (rc < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    return 0;
+}
+
+static int run_ready(PyObject *h)
+{
+    if (mt_handle_check(h)) {
+        if (((mt_handle *)h)->cancelled)
+            return 0;
+        return mt_handle_run((mt_handle *)h);
+    }
+    /* A foreign handle (e.g. asyncio.Handle) given to _add_callback. */
+    PyObject *c = PyObject_GetAttrString(h, "_cancelled");
+    if (c == NULL)
+        return -1;
+    int cancelled = PyObject_IsTrue(c);
+    Py_DECREF(c);
+    if (cancelled)
+        return cancelled < 0 ? -1 : 0;
+    PyObject *res = PyObject_CallMethod(h, "_run", NULL);
+    Py_XDECREF(res);
+    return res == NULL ? -1 : 0;
+}
+
+static int run_ready_debug(mt_loop *self, PyObject *h)
+{
+    Py_XSETREF(self->current_handle, Py_NewRef(h));
+    double t0 = mt_loop_time();
+    int rc = run_ready(h);
+    double dt = mt_loop_time() - t0;
+    Py_CLEAR(self->current_handle);
+    if (rc == 0 && dt >= self->slow_callback_duration) {
+        PyObject *res = PyObject_CallMethod((PyObject *)self, "_mt_slow_callback", "Od", h, dt);
+        if (res == NULL)
+            return -1;
+        Py_DECREF(res);
+    }
+    return rc;
+}
+
+static PyObject *loop_run_once(mt_loop *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->core_closed)
+        return loop_closed_error();
+
+    drop_cancelled_timers(self);
+    bool drained = drain_threadsafe(self);
+
+    double timeout = -1.0;
+    if (mt_ready_queue_len(&self->ready) || self->stopping || !drained) {
+        timeout = 0.0;
+    } else {
+        const mt_timer *top = mt_timer_heap_peek(&self->timers);
+        if (top != NULL) {
+            timeout = top->when - mt_loop_time();
+            if (timeout > MT_MAX_WAIT_SECONDS)
+                timeout = MT_MAX_WAIT_SECONDS;
+            else if (!(timeout > 0.0))
+                timeout = 0.0;
+        }
+    }
+    if (timeout != 0.0) {
+        /* Announce the sleep, then look once more for work that raced it. */
+        mt_waker_prepare_sleep(&self->waker);
+        if (!mt_mpsc_queue_is_empty(&self->threadsafe))
+            timeout = 0.0;
+    }
+    if (PyErr_CheckSignals() < 0) {
+        mt_waker_awake(&self->waker);
+        return NULL;
+    }
+    int rc = wait_for_events(self, timeout);
+    mt_waker_awake(&self->waker);
+    if (rc < 0)
+        return NULL;
+
+    if (mt_fd_watch_collect(self) < 0)
+        return NULL;
+    drain_threadsafe(self);
+    /* Signal handlers (KeyboardInterrupt included) run here, as they would
+     * when asyncio's select() returns with EINTR. */
+    if (PyErr_CheckSignals() < 0)
+        return NULL;
+
+    double end_time = mt_loop_time() + self->clock_resolution;
+    const mt_timer *top;
+    while ((top = mt_timer_heap_peek(&self->timers)) != NULL && top->when < end_time) {
+        mt_timer t;
+        mt_timer_heap_pop(&self->timers, &t);
+        mt_timer_handle *th = t.data;
+        th->scheduled = 0;
+        if (th->base.cancelled) {
+            self->timer_cancelled_count--;
+            Py_DECREF(th);
+            continue;
+        }
+        if (mt_ready_queue_push(&self->ready, th) < 0) {
+            Py_DECREF(th);
+            return PyErr_NoMemory();
+        }
+    }
+
+    /* Run what is ready now; what these callbacks schedule waits for the
+     * next iteration, after another poll. */
+    size_t ntodo = mt_ready_queue_len(&self->ready);
+    for (size_t i = 0; i < ntodo && !self->core_closed; i++) {
+        PyObject *h = mt_ready_queue_pop(&self->ready);
+        int res = self->debug ? run_ready_debug(self, h) : run_ready(h);
+        Py_DECREF(h);
+        if (res < 0)
+            return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* ---- lifetime ------------------------------------------------------------ */
+
+static void core_release(mt_loop *self)
+{
+    if (self->core_closed)
+        return;
+    self->core_closed = true;
+
+    /* Take everything out first; releasing a handle may run arbitrary code. */
+    PyObject *dead = PyList_New(0);
+    PyObject *h;
+    while ((h = mt_ready_queue_pop(&self->ready)) != NULL) {
+        if (dead == NULL || PyList_Append(dead, h) == 0)
+            Py_DECREF(h);
+    }
+    mt_timer t;
+    while (mt_timer_heap_pop(&self->timers, &t) == 0) {
+        ((mt_timer_handle *)t.data)->scheduled = 0;
+        if (dead == NULL || PyList_Append(dead, t.data) == 0)
+            Py_DECREF((PyObject *)t.data);
+    }
+    mt_mpsc_node *node;
+    while (!mt_mpsc_queue_is_empty(&self->threadsafe)) {
+        node = mt_mpsc_queue_pop(&self->threadsafe);
+        if (node == NULL)
+            continue; /* a producer is mid-push: it completes at once */
+        h = (PyObject *)MT_CONTAINER_OF(node, mt_handle, node);
+        if (dead == NULL || PyList_Append(dead, h) == 0)
+            Py_DECREF(h);
+    }
+    mt_fd_watch_clear_all(self);
+    if (self->timeout_event)
+        event_free(self->timeout_event);
+    if (self->waker_event)
+        event_free(self->waker_event);
+    if (self->base)
+        event_base_free(self->base);
+    self->timeout_event = self->waker_event = NULL;
+    self->base = NULL;
+    mt_waker_close(&self->waker);
+    mt_ready_queue_free(&self->ready);
+    mt_timer_heap_free(&self->timers);
+    Py_CLEAR(self->current_handle);
+    Py_XDECREF(dead);
+}
+
+static PyObject *loop_core_close(mt_loop *self, PyObject *Py_UNUSED(ignored))
+{
+    if (atomic_load(&self->running)) {
+        PyErr_SetString(PyExc_RuntimeError, "Cannot close a running event loop");
+        return NULL;
+    }
+    core_release(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *loop_new(PyTypeObject *type, PyObject *Py_UNUSED(args),
+                          PyObject *Py_UNUSED(kwds))
+{
+    mt_loop *self = (mt_loop *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    mt_ready_queue_init(&self->ready);
+    mt_timer_heap_init(&self->timers);
+    mt_mpsc_queue_init(&self->threadsafe);
+    self->waker.fd = -1;
+    atomic_init(&self->owner_thread, 0);
+    atomic_init(&self->running, false);
+    self->slow_callback_duration = 0.1;
+    struct timespec res;
+    self->clock_resolution =
+        clock_getres(CLOCK_MONOTONIC, &res) == 0 ? res.tv_sec + res.tv_nsec * 1e-9 : 1e-9;
+
+    if (mt_waker_init(&self->waker) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        goto fail;
+    }
+    struct event_config *cfg = event_config_new();
+    if (cfg == NULL)
+        goto nomem;
+    /* Only the loop thread touches this base: no libevent locks. */
+    event_config_set_flag(cfg, EVENT_BASE_FLAG_NOLOCK | EVENT_BASE_FLAG_IGNORE_ENV);
+    self->base = event_base_new_with_config(cfg);
+    event_config_free(cfg);
+    if (self->base == NULL) {
+        PyErr_SetString(PyExc_OSError, "libevent could not create an event base");
+        goto fail;
+    }
+    self->waker_event = event_new(self->base, self->waker.fd, EV_READ | EV_PERSIST,
+                                  on_waker_event, self);
+    self->timeout_event = evtimer_new(self->base, on_timeout_event, self);
+    if (self->waker_event == NULL || self->timeout_event == NULL)
+        goto nomem;
+    if (event_add(self->waker_event, NULL) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        goto fail;
+    }
+    return (PyObject *)self;
+nomem:
+    PyErr_NoMemory();
+fail:
+    Py_DECREF(self);
+    return NULL;
+}
+
+static int loop_traverse(mt_loop *self, visitproc visit, void *arg)
+{
+    for (size_t i = 0; i < mt_ready_queue_len(&self->ready); i++)
+        Py_VISIT((PyObject *)mt_ready_queue_peek(&self->ready, i));
+    for (size_t i = 0; i < mt_timer_heap_len(&self->timers); i++)
+        Py_VISIT((PyObject *)self->timers.items[i].data);
+    Py_VISIT(self->current_handle);
+    return mt_fd_watch_traverse(self, visit, arg);
+}
+
+static int loop_clear(mt_loop *self)
+{
+    core_release(self);
+    return 0;
+}
+
+static void loop_dealloc(mt_loop *self)
+{
+    PyObject_GC_UnTrack(self);
+    core_release(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* ---- attributes shared with asyncio.BaseEventLoop ----------------------- */
+
+static PyObject *get_flag(bool *flag) { return PyBool_FromLong(*flag); }
+
+static int set_flag(bool *flag, PyObject *value)
+{
+    if (value == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "cannot delete this attribute");
+        return -1;
+    }
+    int v = PyObject_IsTrue(value);
+    if (v < 0)
+        return -1;
+    *flag = v;
+    return 0;
+}
+
+static PyObject *loop_get_stopping(mt_loop *self, void *Py_UNUSED(c)) { return get_flag(&self->stopping); }
+static int loop_set_stopping(mt_loop *self, PyObject *v, void *Py_UNUSED(c)) { return set_flag(&self->stopping, v); }
+static PyObject *loop_get_debug(mt_loop *self, void *Py_UNUSED(c)) { return get_flag(&self->debug); }
+static int loop_set_debug(mt_loop *self, PyObject *v, void *Py_UNUSED(c)) { return set_flag(&self->debug, v); }
+static PyObject *loop_get_closed(mt_loop *self, void *Py_UNUSED(c)) { return get_flag(&self->closed); }
+static int loop_set_closed(mt_loop *self, PyObject *v, void *Py_UNUSED(c)) { return set_flag(&self->closed, v); }
+
+static PyObject *loop_get_thread_id(mt_loop *self, void *Py_UNUSED(c))
+{
+    if (!atomic_load(&self->running))
+        Py_RETURN_NONE;
+    return PyLong_FromUnsignedLong(atomic_load(&self->owner_thread));
+}
+
+static int loop_set_thread_id(mt_loop *self, PyObject *value, void *Py_UNUSED(c))
+{
+    if (value == NULL || value == Py_None) {
+        atomic_store(&self->running, false);
+        atomic_store(&self->owner_thread, 0);
+        return 0;
+    }
+    unsigned long ident = PyLong_AsUnsignedLong(value);
+    if (ident == (unsigned long)-1 && PyErr_Occurred())
+        return -1;
+    atomic_store(&self->owner_thread, ident);
+    atomic_store(&self->running, true);
+    return 0;
+}
+
+static PyObject *loop_get_current_handle(mt_loop *self, void *Py_UNUSED(c))
+{
+    return Py_NewRef(self->current_handle ? self->current_handle : Py_None);
+}
+
+static int loop_set_current_handle(mt_loop *self, PyObject *v, void *Py_UNUSED(c))
+{
+    Py_XSETREF(self->current_handle, (v == NULL || v == Py_None) ? NULL : Py_NewRef(v));
+    return 0;
+}
+
+static PyObject *loop_get_ready_count(mt_loop *self, void *Py_UNUSED(c))
+{
+    return PyLong_FromSize_t(mt_ready_queue_len(&self->ready));
+}
+
+static PyObject *loop_get_timer_count(mt_loop *self, void *Py_UNUSED(c))
+{
+    return PyLong_FromSize_t(mt_timer_heap_len(&self->timers));
+}
+
+static PyGetSetDef loop_getset[] = {
+    {"_stopping", (getter)loop_get_stopping, (setter)loop_set_stopping, NULL, NULL},
+    {"_debug", (getter)loop_get_debug, (setter)loop_set_debug, NULL, NULL},
+    {"_closed", (getter)loop_get_closed, (setter)loop_set_closed, NULL, NULL},
+    {"_thread_id", (getter)loop_get_thread_id, (setter)loop_set_thread_id, NULL, NULL},
+    {"_current_handle", (getter)loop_get_current_handle, (setter)loop_set_current_handle, NULL, NULL},
+    {"_mt_ready_count", (getter)loop_get_ready_count, NULL, "Handles in the ready queue.", NULL},
+    {"_mt_timer_count", (getter)loop_get_timer_count, NULL, "Timers in the heap, cancelled ones included.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMemberDef loop_members[] = {
+    {"slow_callback_duration", T_DOUBLE, offsetof(mt_loop, slow_callback_duration), 0, NULL},
+    {"_clock_resolution", T_DOUBLE, offsetof(mt_loop, clock_resolution), 0, NULL},
+    {"_timer_cancelled_count", T_PYSSIZET, offsetof(mt_loop, timer_cancelled_count), 0, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+#define FASTKW (METH_FASTCALL | METH_KEYWORDS)
+
+static PyMethodDef loop_methods[] = {
+    {"call_soon", (PyCFunction)(void (*)(void))loop_call_soon, FASTKW,
+     "call_soon(callback, *args, context=None) -> Handle"},
+    {"call_soon_threadsafe", (PyCFunction)(void (*)(void))loop_call_soon_threadsafe, FASTKW,
+     "call_soon_threadsafe(callback, *args, context=None) -> Handle"},
+    {"call_later", (PyCFunction)(void (*)(void))loop_call_later, FASTKW,
+     "call_later(delay, callback, *args, context=None) -> TimerHandle"},
+    {"call_at", (PyCFunction)(void (*)(void))loop_call_at, FASTKW,
+     "call_at(when, callback, *args, context=None) -> TimerHandle"},
+    {"time", (PyCFunction)loop_time, METH_NOARGS, "The loop's clock (time.monotonic())."},
+    {"_run_once", (PyCFunction)loop_run_once, METH_NOARGS, "Run one iteration."},
+    {"_add_callback", (PyCFunction)loop_add_callback, METH_O, NULL},
+    {"_add_callback_signalsafe", (PyCFunction)loop_add_callback, METH_O, NULL},
+    {"_timer_handle_cancelled", (PyCFunction)loop_timer_handle_cancelled, METH_O, NULL},
+    {"add_reader", (PyCFunction)(void (*)(void))loop_add_reader, METH_FASTCALL,
+     "add_reader(fd, callback, *args): call callback(*args) whenever fd is readable."},
+    {"add_writer", (PyCFunction)(void (*)(void))loop_add_writer, METH_FASTCALL,
+     "add_writer(fd, callback, *args): call callback(*args) whenever fd is writable."},
+    {"_add_reader", (PyCFunction)(void (*)(void))loop_add_reader_handle, METH_FASTCALL, NULL},
+    {"_add_writer", (PyCFunction)(void (*)(void))loop_add_writer_handle, METH_FASTCALL, NULL},
+    {"remove_reader", (PyCFunction)loop_remove_reader, METH_O,
+     "remove_reader(fd) -> bool: stop watching fd for reading."},
+    {"remove_writer", (PyCFunction)loop_remove_writer, METH_O,
+     "remove_writer(fd) -> bool: stop watching fd for writing."},
+    {"_remove_reader", (PyCFunction)loop_remove_reader, METH_O, NULL},
+    {"_remove_writer", (PyCFunction)loop_remove_writer, METH_O, NULL},
+    {"_core_close", (PyCFunction)loop_core_close, METH_NOARGS, "Release the C resources."},
+    {NULL, NULL, 0, NULL},
+};
+
+PyTypeObject mt_LoopCoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "mtloop._mtloop.LoopCore",
+    .tp_doc = "The C core of mtloop.Loop: scheduling, timers, fd watchers and the run loop.",
+    .tp_basicsize = sizeof(mt_loop),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_BASETYPE,
+    .tp_new = loop_new,
+    .tp_dealloc = (destructor)loop_dealloc,
+    .tp_traverse = (traverseproc)loop_traverse,
+    .tp_clear = (inquiry)loop_clear,
+    .tp_methods = loop_methods,
+    .tp_getset = loop_getset,
+    .tp_members = loop_members,
+};
+
+int mt_loop_type_init(PyObject *module)
+{
+    if (PyType_Ready(&mt_LoopCoreType) < 0)
+        return -1;
+    return PyModule_AddObjectRef(module, "LoopCore", (PyObject *)&mt_LoopCoreType);
+}
