@@ -11,9 +11,9 @@ import asyncio
 from typing import Any, Coroutine, TypeVar
 
 from ._loop import Loop
-from ._mtloop import Handle, TimerHandle, libevent_version
+from ._mtloop import libevent_version
 
-__all__ = ["Loop", "Handle", "TimerHandle", "EventLoopPolicy", "new_event_loop", "run",
+__all__ = ["Loop", "EventLoopPolicy", "new_event_loop", "run",
            "libevent_version"]
 __version__ = "0.1.0"
 

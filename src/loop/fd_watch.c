@@ -80,7 +80,7 @@ int mt_fd_watch_add(mt_loop *loop, int fd, int dir, PyObject *handle)
     PyObject *old = w->handles[dir];
     w->handles[dir] = Py_NewRef(handle);
     if (old != NULL) {
-        int rc = mt_handle_check(old) ? mt_handle_cancel((mt_handle *)old) : 0;
+        int rc = mt_handle_cancel(old);
         Py_DECREF(old);
         if (rc < 0)
             return -1;
@@ -108,7 +108,7 @@ int mt_fd_watch_remove(mt_loop *loop, int fd, int dir)
     PyObject *h = detach(loop, fd, dir);
     if (h == NULL)
         return 0;
-    int rc = mt_handle_check(h) ? mt_handle_cancel((mt_handle *)h) : 0;
+    int rc = mt_handle_cancel(h);
     Py_DECREF(h);
     return rc < 0 ? -1 : 1;
 }
@@ -124,7 +124,7 @@ int mt_fd_watch_collect(mt_loop *loop)
             PyObject *h = loop->watches[fd].handles[dir];
             if (h == NULL)
                 continue;
-            if (mt_handle_check(h) && ((mt_handle *)h)->cancelled) {
+            if (mt_handle_is_cancelled(h)) {
                 Py_DECREF(detach(loop, fd, dir));
                 continue;
             }

@@ -11,6 +11,12 @@
 #include "loop/handle.h"
 #include "pyext/module.h"
 
+/* A call_soon_threadsafe() handle on its way through the MPSC queue. */
+typedef struct mt_pending {
+    mt_mpsc_node node;
+    PyObject *handle; /* strong reference */
+} mt_pending;
+
 /* asyncio's cap on one wait, so a clock jump cannot park the loop forever. */
 #define MT_MAX_WAIT_SECONDS (24.0 * 3600.0)
 /* Compact the timer heap when more than half of at least this many are cancelled. */
@@ -122,14 +128,14 @@ static PyObject *loop_call_soon(mt_loop *self, PyObject *const *args, Py_ssize_t
         return loop_closed_error();
     if (self->debug && debug_checks(self, args[0], "call_soon", true) < 0)
         return NULL;
-    mt_handle *h = mt_handle_new(self, args[0], args + 1, nargs - 1, context);
+    PyObject *h = mt_handle_new(self, args[0], args + 1, nargs - 1, context);
     if (h == NULL)
         return NULL;
-    if (push_ready(self, (PyObject *)h) < 0) {
+    if (push_ready(self, h) < 0) {
         Py_DECREF(h);
         return NULL;
     }
-    return (PyObject *)h;
+    return h;
 }
 
 static PyObject *loop_call_soon_threadsafe(mt_loop *self, PyObject *const *args,
@@ -143,7 +149,7 @@ static PyObject *loop_call_soon_threadsafe(mt_loop *self, PyObject *const *args,
         return loop_closed_error();
     if (self->debug && debug_checks(self, args[0], "call_soon_threadsafe", false) < 0)
         return NULL;
-    mt_handle *h = mt_handle_new(self, args[0], args + 1, nargs - 1, context);
+    PyObject *h = mt_handle_new(self, args[0], args + 1, nargs - 1, context);
     if (h == NULL)
         return NULL;
     /* On the loop's own thread, or while no thread runs the loop, the ready
@@ -151,16 +157,21 @@ static PyObject *loop_call_soon_threadsafe(mt_loop *self, PyObject *const *args,
      * order with call_soon().  Another thread hands the handle over through
      * the MPSC queue and wakes the loop only if it sleeps. */
     if (!atomic_load_explicit(&self->running, memory_order_acquire) || on_owner_thread(self)) {
-        if (push_ready(self, (PyObject *)h) < 0) {
+        if (push_ready(self, h) < 0) {
             Py_DECREF(h);
             return NULL;
         }
     } else {
-        Py_INCREF(h); /* owned by the queue until drained */
-        mt_mpsc_queue_push(&self->threadsafe, &h->node);
+        mt_pending *p = PyMem_RawMalloc(sizeof(*p));
+        if (p == NULL) {
+            Py_DECREF(h);
+            return PyErr_NoMemory();
+        }
+        p->handle = Py_NewRef(h); /* owned by the queue until drained */
+        mt_mpsc_queue_push(&self->threadsafe, &p->node);
         mt_waker_notify(&self->waker);
     }
-    return (PyObject *)h;
+    return h;
 }
 
 static PyObject *schedule_at(mt_loop *self, double when, PyObject *const *args,
@@ -170,7 +181,7 @@ static PyObject *schedule_at(mt_loop *self, double when, PyObject *const *args,
         return loop_closed_error();
     if (self->debug && debug_checks(self, args[0], "call_at", true) < 0)
         return NULL;
-    mt_timer_handle *t = mt_timer_handle_new(self, when, args[0], args + 1, nargs - 1, context);
+    PyObject *t = mt_timer_handle_new(self, when, args[0], args + 1, nargs - 1, context);
     if (t == NULL)
         return NULL;
     if (mt_timer_heap_push(&self->timers, when, Py_NewRef(t)) < 0) {
@@ -178,8 +189,8 @@ static PyObject *schedule_at(mt_loop *self, double when, PyObject *const *args,
         Py_DECREF(t);
         return PyErr_NoMemory();
     }
-    t->scheduled = 1;
-    return (PyObject *)t;
+    mt_slot_set(t, mt_handles.scheduled, Py_True);
+    return t;
 }
 
 static PyObject *loop_call_later(mt_loop *self, PyObject *const *args, Py_ssize_t nargs,
@@ -225,28 +236,22 @@ static PyObject *loop_add_callback(mt_loop *self, PyObject *handle)
 {
     if (self->core_closed)
         return loop_closed_error();
-    if (mt_handle_check(handle)) {
-        if (((mt_handle *)handle)->cancelled)
-            Py_RETURN_NONE;
-    } else {
-        PyObject *c = PyObject_GetAttrString(handle, "_cancelled");
-        if (c == NULL)
-            return NULL;
-        int cancelled = PyObject_IsTrue(c);
-        Py_DECREF(c);
-        if (cancelled < 0)
-            return NULL;
-        if (cancelled)
-            Py_RETURN_NONE;
-    }
+    int cancelled = mt_handle_check_cancelled(handle);
+    if (cancelled < 0)
+        return NULL;
+    if (cancelled)
+        Py_RETURN_NONE;
     if (push_ready(self, handle) < 0)
         return NULL;
     Py_RETURN_NONE;
 }
 
-static PyObject *loop_timer_handle_cancelled(mt_loop *Py_UNUSED(self), PyObject *Py_UNUSED(h))
+/* TimerHandle.cancel() reports here, as on the stock loop. */
+static PyObject *loop_timer_handle_cancelled(mt_loop *self, PyObject *handle)
 {
-    /* mtloop's own TimerHandle accounts for itself; nothing else is scheduled here. */
+    if (Py_IS_TYPE(handle, mt_handles.timer_type) &&
+        MT_SLOT(handle, mt_handles.scheduled) == Py_True)
+        self->timer_cancelled_count++;
     Py_RETURN_NONE;
 }
 
@@ -314,14 +319,14 @@ static PyObject *add_watch(mt_loop *self, int dir, PyObject *const *args, Py_ssi
         return NULL;
     if (self->debug && debug_checks(self, args[1], fname, false) < 0)
         return NULL;
-    mt_handle *h = mt_handle_new(self, args[1], args + 2, nargs - 2, NULL);
+    PyObject *h = mt_handle_new(self, args[1], args + 2, nargs - 2, NULL);
     if (h == NULL)
         return NULL;
-    if (mt_fd_watch_add(self, fd, dir, (PyObject *)h) < 0) {
+    if (mt_fd_watch_add(self, fd, dir, h) < 0) {
         Py_DECREF(h);
         return NULL;
     }
-    return (PyObject *)h;
+    return h;
 }
 
 static PyObject *remove_watch(mt_loop *self, int dir, PyObject *fileobj)
@@ -396,11 +401,13 @@ static bool drain_threadsafe(mt_loop *self)
 {
     mt_mpsc_node *node;
     while ((node = mt_mpsc_queue_pop(&self->threadsafe)) != NULL) {
-        PyObject *h = (PyObject *)MT_CONTAINER_OF(node, mt_handle, node);
+        mt_pending *p = MT_CONTAINER_OF(node, mt_pending, node);
+        PyObject *h = p->handle;
+        PyMem_RawFree(p);
         /* The queue's reference moves to the ready queue. */
         if (mt_ready_queue_push(&self->ready, h) < 0) {
             /* Out of memory: run it now rather than lose it. */
-            if (mt_handle_run((mt_handle *)h) < 0)
+            if (mt_handle_run(self, h) < 0)
                 PyErr_WriteUnraisable(h);
             Py_DECREF(h);
         }
@@ -410,12 +417,12 @@ static bool drain_threadsafe(mt_loop *self)
 
 static int keep_live_timer(void *data, void *Py_UNUSED(arg))
 {
-    return !((mt_handle *)data)->cancelled;
+    return !mt_handle_is_cancelled((PyObject *)data);
 }
 
 static void collect_dead_timer(void *data, void *arg)
 {
-    ((mt_timer_handle *)data)->scheduled = 0;
+    mt_slot_set((PyObject *)data, mt_handles.scheduled, Py_False);
     /* Released after the heap is consistent again: a release may run code. */
     if (PyList_Append((PyObject *)arg, (PyObject *)data) == 0)
         Py_DECREF(data);
@@ -436,10 +443,10 @@ static void drop_cancelled_timers(mt_loop *self)
     }
     const mt_timer *top;
     while ((top = mt_timer_heap_peek(&self->timers)) != NULL &&
-           ((mt_handle *)top->data)->cancelled) {
+           mt_handle_is_cancelled((PyObject *)top->data)) {
         mt_timer t;
         mt_timer_heap_pop(&self->timers, &t);
-        ((mt_timer_handle *)t.data)->scheduled = 0;
+        mt_slot_set((PyObject *)t.data, mt_handles.scheduled, Py_False);
         self->timer_cancelled_count--;
         Py_DECREF((PyObject *)t.data);
     }
@@ -473,31 +480,19 @@ static int wait_for_events(mt_loop *self, double timeout)
     return 0;
 }
 
-static int run_ready(PyObject *h)
+static int run_ready(mt_loop *self, PyObject *h)
 {
-    if (mt_handle_check(h)) {
-        if (((mt_handle *)h)->cancelled)
-            return 0;
-        return mt_handle_run((mt_handle *)h);
-    }
-    /* A foreign handle (e.g. asyncio.Handle) given to _add_callback. */
-    PyObject *c = PyObject_GetAttrString(h, "_cancelled");
-    if (c == NULL)
-        return -1;
-    int cancelled = PyObject_IsTrue(c);
-    Py_DECREF(c);
+    int cancelled = mt_handle_check_cancelled(h);
     if (cancelled)
         return cancelled < 0 ? -1 : 0;
-    PyObject *res = PyObject_CallMethod(h, "_run", NULL);
-    Py_XDECREF(res);
-    return res == NULL ? -1 : 0;
+    return mt_handle_run(self, h);
 }
 
 static int run_ready_debug(mt_loop *self, PyObject *h)
 {
     Py_XSETREF(self->current_handle, Py_NewRef(h));
     double t0 = mt_loop_time();
-    int rc = run_ready(h);
+    int rc = run_ready(self, h);
     double dt = mt_loop_time() - t0;
     Py_CLEAR(self->current_handle);
     if (rc == 0 && dt >= self->slow_callback_duration) {
@@ -558,9 +553,9 @@ static PyObject *loop_run_once(mt_loop *self, PyObject *Py_UNUSED(ignored))
     while ((top = mt_timer_heap_peek(&self->timers)) != NULL && top->when < end_time) {
         mt_timer t;
         mt_timer_heap_pop(&self->timers, &t);
-        mt_timer_handle *th = t.data;
-        th->scheduled = 0;
-        if (th->base.cancelled) {
+        PyObject *th = t.data;
+        mt_slot_set(th, mt_handles.scheduled, Py_False);
+        if (mt_handle_is_cancelled(th)) {
             self->timer_cancelled_count--;
             Py_DECREF(th);
             continue;
@@ -576,7 +571,7 @@ static PyObject *loop_run_once(mt_loop *self, PyObject *Py_UNUSED(ignored))
     size_t ntodo = mt_ready_queue_len(&self->ready);
     for (size_t i = 0; i < ntodo && !self->core_closed; i++) {
         PyObject *h = mt_ready_queue_pop(&self->ready);
-        int res = self->debug ? run_ready_debug(self, h) : run_ready(h);
+        int res = self->debug ? run_ready_debug(self, h) : run_ready(self, h);
         Py_DECREF(h);
         if (res < 0)
             return NULL;
@@ -601,7 +596,7 @@ static void core_release(mt_loop *self)
     }
     mt_timer t;
     while (mt_timer_heap_pop(&self->timers, &t) == 0) {
-        ((mt_timer_handle *)t.data)->scheduled = 0;
+        mt_slot_set((PyObject *)t.data, mt_handles.scheduled, Py_False);
         if (dead == NULL || PyList_Append(dead, t.data) == 0)
             Py_DECREF((PyObject *)t.data);
     }
@@ -610,7 +605,9 @@ static void core_release(mt_loop *self)
         node = mt_mpsc_queue_pop(&self->threadsafe);
         if (node == NULL)
             continue; /* a producer is mid-push: it completes at once */
-        h = (PyObject *)MT_CONTAINER_OF(node, mt_handle, node);
+        mt_pending *p = MT_CONTAINER_OF(node, mt_pending, node);
+        h = p->handle;
+        PyMem_RawFree(p);
         if (dead == NULL || PyList_Append(dead, h) == 0)
             Py_DECREF(h);
     }

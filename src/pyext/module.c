@@ -56,7 +56,7 @@ PyMODINIT_FUNC PyInit__mtloop(void)
     PyObject *m = PyModule_Create(&mtloop_module);
     if (m == NULL)
         return NULL;
-    if (mt_handle_types_init(m) < 0 || mt_loop_type_init(m) < 0) {
+    if (mt_handles_init() < 0 || mt_loop_type_init(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

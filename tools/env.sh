@@ -1,0 +1,68 @@
+# Shared set-up for the project's commands; sourced, not run.
+#
+# mt_setup_system   installs the Debian packages the build needs (once)
+# mt_pythons        prints the interpreters of each supported Python found
+# mt_venv PY        creates/refreshes .venv-X.Y for PY and builds mtloop in it;
+#                   prints the venv's directory on stdout (logs go to stderr)
+# Every step is idempotent: rerunning costs only the checks.
+
+MT_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+MT_SUPPORTED="3.11 3.12 3.13"
+MT_PY_PACKAGES="scikit-build-core>=0.8 cmake>=3.18 ninja pytest>=7 uvloop>=0.19"
+
+mt_log() { printf '[mtloop] %s\n' "$*" >&2; }
+
+mt_setup_system() {
+  local need=()
+  command -v cc >/dev/null 2>&1 || need+=(build-essential)
+  command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
+  pkg-config --exists libevent_core 2>/dev/null || need+=(libevent-dev)
+  pkg-config --exists cmocka 2>/dev/null || need+=(libcmocka-dev)
+  if ! ls /usr/lib/*/libtsan.so* >/dev/null 2>&1 && ! ls /usr/lib/gcc/*/*/libtsan.so >/dev/null 2>&1; then
+    need+=(libtsan2)
+  fi
+  if [ -z "$(mt_pythons)" ]; then
+    need+=(python3 python3-dev python3-venv)
+  fi
+  if [ ${#need[@]} -gt 0 ]; then
+    mt_log "installing system packages: ${need[*]}"
+    local sudo=""
+    [ "$(id -u)" = 0 ] || sudo=sudo
+    $sudo apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >&2
+  fi
+}
+
+# One interpreter per supported version: on PATH, else under pyenv.
+mt_pythons() {
+  local v py
+  for v in $MT_SUPPORTED; do
+    py=""
+    if command -v "python$v" >/dev/null 2>&1 && "python$v" -c pass >/dev/null 2>&1; then
+      py=$(command -v "python$v")
+    else
+      for cand in "${PYENV_ROOT:-$HOME/.pyenv}"/versions/"$v".*/bin/"python$v"; do
+        [ -x "$cand" ] && py=$cand
+      done
+    fi
+    [ -n "$py" ] && echo "$py"
+  done
+}
+
+mt_venv() {
+  local py=$1 ver venv
+  ver=$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+  venv="$MT_ROOT/.venv-$ver"
+  if [ ! -x "$venv/bin/python" ]; then
+    mt_log "creating $venv"
+    "$py" -m venv "$venv" >&2
+  fi
+  if ! "$venv/bin/python" -c 'import scikit_build_core, pytest, uvloop, ninja, cmake' >/dev/null 2>&1; then
+    mt_log "installing Python packages into $venv"
+    "$venv/bin/python" -m pip install -q --upgrade pip >&2
+    "$venv/bin/python" -m pip install -q $MT_PY_PACKAGES >&2
+  fi
+  mt_log "building mtloop for Python $ver"
+  (cd "$MT_ROOT" && "$venv/bin/python" -m pip install -q --no-build-isolation . >&2) || return 1
+  echo "$venv"
+}

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Runs every test of mtloop on this machine, setting up what is missing:
+#   1. the CMocka unit tests (ctest), in a plain, an ASan+UBSan and a TSan build;
+#   2. the pytest suite (asyncio vs uvloop vs mtloop, and CPython's own
+#      test_asyncio suites against mtloop) on every supported Python found.
+# Extra arguments go to pytest (e.g. --stress, -k pattern, -x).
+set -euo pipefail
+. "$(dirname "$0")/env.sh"
+cd "$MT_ROOT"
+
+mt_setup_system
+pythons=$(mt_pythons)
+[ -n "$pythons" ] || { mt_log "no supported Python (3.11-3.13) found"; exit 1; }
+
+first_venv=$(mt_venv "$(echo "$pythons" | head -n1)")
+export PATH="$first_venv/bin:$PATH"   # cmake and ninja from the venv
+
+for variant in plain address thread; do
+  dir="build/ctest-$variant"
+  sanitize=$([ "$variant" = plain ] && echo "" || echo "$variant")
+  mt_log "C unit tests ($variant build)"
+  cmake -S . -B "$dir" -G Ninja -DMTLOOP_BUILD_TESTS=ON -DMTLOOP_SANITIZE="$sanitize" >/dev/null
+  cmake --build "$dir" >/dev/null
+  (cd "$dir" && ctest --output-on-failure)
+done
+
+status=0
+for py in $pythons; do
+  venv=$(mt_venv "$py")
+  mt_log "pytest on $("$venv/bin/python" -V)"
+  # The venv's pytest script, not "python -m pytest": that would put the
+  # source tree (without the built extension) first on sys.path.
+  "$venv/bin/pytest" -p no:cacheprovider "$@" || status=1
+done
+exit $status
