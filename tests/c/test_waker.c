@@ -212,6 +212,9 @@ typedef struct shared {
     uint64_t timeouts;    /* polls that timed out: lost wakeups */
     uint64_t aborted_checks; /* prepare_sleep followed by a non-empty queue */
     uint64_t *next_seq;   /* per producer */
+    /* Per-producer count of messages consumed, published for producers
+     * that wait for their messages to be handled (at most 8 producers). */
+    _Atomic uint64_t consumed[8];
     /* Ping-pong handshake: the consumer publishes the round it is about to
      * block in (after its re-check found the queue empty). */
     _Atomic uint64_t blocking_round;
@@ -233,7 +236,8 @@ static void consume_all(shared *s)
         if (m->producer >= (uint32_t)s->nproducers || m->seq != s->next_seq[m->producer])
             s->bad++;
         else
-            s->next_seq[m->producer]++;
+            atomic_store_explicit(&s->consumed[m->producer], ++s->next_seq[m->producer],
+                                  memory_order_release);
         s->received++;
     }
 }
@@ -278,6 +282,9 @@ static void shared_init(shared *s, int nproducers, uint64_t total)
     assert_int_equal(mt_waker_init(&s->w), 0);
     mt_mpsc_queue_init(&s->q);
     atomic_init(&s->blocking_round, 0);
+    assert_true(nproducers <= 8);
+    for (int i = 0; i < 8; i++)
+        atomic_init(&s->consumed[i], 0);
     s->next_seq = calloc((size_t)nproducers, sizeof(uint64_t));
     assert_non_null(s->next_seq);
 }
@@ -347,6 +354,7 @@ typedef struct wprod_arg {
     uint32_t count;
     pthread_barrier_t *start;
     uint64_t wrote; /* notifies that returned true */
+    int stalled;    /* gave up waiting for the consumer */
 } wprod_arg;
 
 static void *wproducer_main(void *p)
@@ -364,10 +372,23 @@ static void *wproducer_main(void *p)
         /* Bursts and pauses of various lengths so that the consumer both
          * keeps running and goes to sleep often. */
         uint64_t r = mt_test_rng_below(&rng, 64);
-        if (r == 0)
+        if (r == 0) {
             mt_test_sleep_us(50 + (long)mt_test_rng_below(&rng, 200));
-        else if (r < 4)
+        } else if (r == 1 && !a->stalled) {
+            /* Wait until the consumer has handled everything we pushed.
+             * When all producers wait at once, nobody else can rescue a
+             * lost wakeup: the consumer then hits its poll timeout. */
+            double deadline = mt_test_now() + 30.0;
+            while (atomic_load_explicit(&a->s->consumed[a->id], memory_order_acquire) < i + 1) {
+                mt_test_sleep_us(20);
+                if (mt_test_now() > deadline) {
+                    a->stalled = 1;
+                    break;
+                }
+            }
+        } else if (r < 5) {
             sched_yield();
+        }
     }
     return NULL;
 }
@@ -412,6 +433,8 @@ static void test_concurrent_no_lost_wakeup(void **state)
     assert_int_equal(s.timeouts, 0);
     assert_int_equal(s.bad, 0);
     assert_int_equal(s.received, total);
+    for (uint32_t p = 0; p < NPRODUCERS; p++)
+        assert_false(args[p].stalled);
     for (uint32_t p = 0; p < NPRODUCERS; p++)
         assert_int_equal(s.next_seq[p], per_producer);
     assert_true(mt_mpsc_queue_is_empty(&s.q));
