@@ -27,6 +27,9 @@ def new_event_loop() -> Loop:
 
 def run(main: Coroutine[Any, Any, _T], *, debug: bool | None = None) -> _T:
     """Run a coroutine on a new mtloop loop, like asyncio.run()."""
+    if asyncio.events._get_running_loop() is not None:
+        # Same check and message as asyncio.run(), before a Runner exists.
+        raise RuntimeError("asyncio.run() cannot be called from a running event loop")
     with asyncio.Runner(debug=debug, loop_factory=new_event_loop) as runner:
         return runner.run(main)
 

@@ -25,20 +25,55 @@ Fixtures:
 
 Options: ``--stress`` runs the tests marked ``stress`` (skipped otherwise).
 
-A hang guard (SIGALRM, then faulthandler) keeps a loop that never wakes up
-from blocking the whole session.
+A hang guard (SIGALRM after 45 s, then faulthandler after 90 s) on every
+test that uses ``loop_factory`` keeps a loop that never wakes up from
+blocking the whole session.
 """
 
 import asyncio
 import dataclasses
 import faulthandler
+import importlib.machinery
+import os
 import signal
 import sys
 import threading
 import traceback
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+
+
+def _prefer_built_mtloop():
+    """Do not let the source tree's ``mtloop/`` shadow the installed package.
+
+    ``python -m pytest`` run from the repository root puts the root on
+    sys.path, where ``mtloop/`` holds the Python sources but not the compiled
+    ``_mtloop`` extension (that lives in the installed copy).  When the source
+    package has no extension and another ``mtloop`` is importable, the root is
+    dropped from sys.path so that the installed package is the one tested.
+    Otherwise nothing changes (and a broken import fails the mtloop tests).
+    """
+    repo = Path(__file__).resolve().parent.parent
+    src_pkg = repo / "mtloop"
+    if not src_pkg.is_dir() or any(src_pkg.glob("_mtloop*.so")):
+        return
+
+    def is_repo(entry):
+        try:
+            return Path(entry or os.getcwd()).resolve() == repo
+        except OSError:
+            return False
+
+    others = [p for p in sys.path if not is_repo(p)]
+    if len(others) != len(sys.path) and importlib.machinery.PathFinder.find_spec(
+        "mtloop", others
+    ):
+        sys.path[:] = others
+
+
+_prefer_built_mtloop()
 
 IMPL_IDS = ("asyncio", "uvloop", "mtloop")
 
@@ -66,8 +101,8 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     config.addinivalue_line(
         "markers",
-        "uvloop_xfail(reason, strict=True): uvloop deviates from asyncio here; "
-        "the uvloop parameter of the test is marked xfail with this reason",
+        "uvloop_xfail(reason, strict=True, condition=True, run=True): uvloop deviates from "
+        "asyncio here; the uvloop parameter of the test is marked xfail with this reason",
     )
 
 
@@ -84,8 +119,10 @@ def pytest_collection_modifyitems(config, items):
             reason = mark.args[0] if mark.args else mark.kwargs["reason"]
             item.add_marker(
                 pytest.mark.xfail(
+                    mark.kwargs.get("condition", True),
                     reason=f"uvloop deviates from asyncio: {reason}",
                     strict=mark.kwargs.get("strict", True),
+                    run=mark.kwargs.get("run", True),
                 )
             )
 
@@ -247,7 +284,12 @@ def _on_alarm(signum, frame):
 
 
 @pytest.fixture(autouse=True)
-def _hang_guard():
+def _hang_guard(request):
+    # Only for the loop behaviour tests (those parametrized by loop_factory);
+    # others (e.g. long subprocess-based suites) keep their own timeouts.
+    if "loop_factory" not in request.fixturenames:
+        yield
+        return
     in_main = threading.current_thread() is threading.main_thread()
     old = None
     if in_main:
@@ -277,4 +319,3 @@ def _no_leaked_running_loop_or_policy():
 
 # Convenience for tests.
 PY312 = sys.version_info >= (3, 12)
-PY313 = sys.version_info >= (3, 13)

@@ -185,6 +185,8 @@ def test_callback_runs_in_copy_of_current_context(loop):
 
 
 @pytest.mark.skipif(not PY312, reason="Handle.get_context() is new in 3.12")
+@pytest.mark.uvloop_xfail("uvloop's Handle/TimerHandle have no get_context() "
+                          "(added to asyncio in 3.12)")
 def test_handle_get_context(loop):
     ctx = contextvars.copy_context()
     h = loop.call_soon(lambda: None, context=ctx)
@@ -289,6 +291,10 @@ def test_timers_scheduled_in_reverse(loop):
     assert calls == list(range(5))
 
 
+@pytest.mark.uvloop_xfail("uvloop turns call_at(when) into a relative millisecond libuv timer "
+                          "when it is scheduled, so timers with an identical `when` scheduled "
+                          "at slightly different moments can fire in different iterations",
+                          strict=False)
 def test_equal_when_timers_all_run_same_iteration(loop):
     calls = []
     when = loop.time() + 0.01
@@ -533,3 +539,234 @@ def test_pending_callbacks_dropped_on_close(loop):
     loop.call_later(0, calls.append, 2)
     loop.close()
     assert calls == []
+
+
+# --------------------------------------------------------------------------
+# robustness of the ready queue and the timer heap
+
+
+def test_huge_delays(loop):
+    h_inf = loop.call_later(float("inf"), lambda: None)
+    h_big = loop.call_later(1e12, lambda: None)
+    calls = []
+    loop.call_soon(calls.append, 1)
+    loop.call_later(0.001, loop.stop)
+    loop.run_forever()
+    assert calls == [1]
+    assert not h_inf.cancelled() and not h_big.cancelled()
+    h_inf.cancel()
+    h_big.cancel()
+
+
+@pytest.mark.uvloop_xfail("uvloop clamps the `when` of far timers (call_later(inf).when() is "
+                          "finite) instead of returning loop.time() + delay")
+def test_huge_delay_when(loop):
+    assert loop.call_later(float("inf"), lambda: None).when() == float("inf")
+    h = loop.call_later(1e12, lambda: None)
+    assert h.when() == pytest.approx(loop.time() + 1e12, rel=1e-9)
+
+
+def test_many_call_soon(loop):
+    n = 50_000
+    calls = []
+    for i in range(n):
+        loop.call_soon(calls.append, i)
+    run_one_iteration(loop)
+    assert len(calls) == n
+    assert calls == list(range(n))
+
+
+def test_call_soon_chain_does_not_starve_timers(loop):
+    """A callback that keeps rescheduling itself must not starve timers."""
+    spins = [0]
+
+    def spin():
+        spins[0] += 1
+        loop.call_soon(spin)
+
+    loop.call_soon(spin)
+    fired = loop.create_future()
+    loop.call_later(0.01, fired.set_result, "timer fired")
+    assert run_until(loop, fired) == "timer fired"
+    assert spins[0] > 1
+
+
+def test_timer_scheduling_timers(loop):
+    calls = []
+    done = loop.create_future()
+
+    def tick(n):
+        calls.append(n)
+        if n == 20:
+            done.set_result(None)
+        else:
+            loop.call_later(0, tick, n + 1)
+
+    loop.call_later(0.001, tick, 0)
+    run_until(loop, done)
+    assert calls == list(range(21))
+
+
+def test_cancel_timer_at_head_then_others_run(loop):
+    calls = []
+    base = loop.time()
+    first = loop.call_at(base + 0.001, calls.append, "first")
+    loop.call_at(base + 0.002, calls.append, "second")
+    loop.call_at(base + 0.003, calls.append, "third")
+    first.cancel()
+    done = loop.create_future()
+    loop.call_at(base + 0.02, done.set_result, None)
+    run_until(loop, done)
+    assert calls == ["second", "third"]
+
+
+def test_timer_cancelled_inside_callback_of_same_iteration(loop):
+    calls = []
+    when = loop.time() + 0.005
+    handles = {}
+    loop.call_at(when - 0.001, lambda: handles["b"].cancel())
+    handles["b"] = loop.call_at(when, calls.append, "b")
+    done = loop.create_future()
+    loop.call_at(when + 0.02, done.set_result, None)
+    run_until(loop, done)
+    assert calls == []
+
+
+def test_handle_releases_args_after_run(loop):
+    import gc
+    import weakref
+
+    class Arg:
+        pass
+
+    arg = Arg()
+    ref = weakref.ref(arg)
+    loop.call_soon(lambda a: None, arg)
+    loop.call_later(0, lambda a: None, arg)
+    del arg
+    done = loop.create_future()
+    loop.call_later(0.005, done.set_result, None)
+    run_until(loop, done)
+    gc.collect()
+    assert ref() is None, "callback arguments leaked after the callbacks ran"
+
+
+def test_cancel_releases_callback_and_args(loop):
+    import gc
+    import weakref
+
+    class Arg:
+        pass
+
+    arg = Arg()
+    ref = weakref.ref(arg)
+    h = loop.call_soon(lambda a: None, arg)
+    t = loop.call_later(3600, lambda a: None, arg)
+    del arg
+    h.cancel()
+    t.cancel()
+    gc.collect()
+    # asyncio drops the callback and its arguments as soon as a handle is
+    # cancelled, even while the handle is still queued / in the timer heap
+    assert ref() is None
+
+
+def test_is_running_from_other_thread(loop):
+    import threading
+
+    seen = []
+
+    def worker():
+        seen.append(loop.is_running())
+        loop.call_soon_threadsafe(loop.stop)
+
+    loop.call_soon(lambda: threading.Thread(target=worker).start())
+    loop.call_later(10, loop.stop)
+    loop.run_forever()
+    assert seen == [True]
+
+
+@pytest.mark.stress
+@pytest.mark.uvloop_xfail("uvloop keeps timers at millisecond resolution: timers whose `when` "
+                          "differ by less than 1 ms can run out of `when` order")
+def test_many_timers_stress(loop):
+    import random
+
+    rnd = random.Random(1234)
+    base = loop.time() + 0.05
+    fired = []
+    handles = []
+    for i in range(200_000):
+        when = base + rnd.random() * 0.5
+        handles.append((when, i, loop.call_at(when, fired.append, (when, i))))
+    cancelled = set()
+    for when, i, h in handles:
+        if rnd.random() < 0.5:
+            h.cancel()
+            cancelled.add(i)
+    done = loop.create_future()
+    loop.call_at(base + 1.0, done.set_result, None)
+    loop.run_until_complete(asyncio.wait_for(done, 30))
+    assert {i for _, i in fired} == {i for _, i, _ in handles} - cancelled
+    whens = [w for w, _ in fired]
+    assert whens == sorted(whens)
+
+
+@pytest.mark.parametrize("method", ["call_soon", "call_soon_threadsafe", "call_later", "call_at"])
+def test_unknown_keyword_argument(loop, method):
+    args = {"call_soon": (), "call_soon_threadsafe": (), "call_later": (1,),
+            "call_at": (loop.time() + 1,)}[method]
+    with pytest.raises(TypeError):
+        getattr(loop, method)(*args, lambda **kw: None, foo=1)
+
+
+@pytest.mark.parametrize("method", ["call_soon", "call_soon_threadsafe", "call_later", "call_at"])
+def test_explicit_context_none(loop, method):
+    args = {"call_soon": (), "call_soon_threadsafe": (), "call_later": (0,),
+            "call_at": (loop.time(),)}[method]
+    fut = loop.create_future()
+    getattr(loop, method)(*args, fut.set_result, "ran", context=None)
+    assert run_until(loop, fut) == "ran"
+
+
+def test_callable_object_and_builtin_callbacks(loop):
+    class Callable:
+        def __init__(self):
+            self.calls = 0
+
+        def __call__(self, x):
+            self.calls += x
+
+    obj = Callable()
+    out = []
+    loop.call_soon(obj, 2)
+    loop.call_soon(out.extend, (1, 2))
+    loop.call_soon(functools.partial(out.append, "partial"))
+    run_one_iteration(loop)
+    assert obj.calls == 2
+    assert out == [1, 2, "partial"]
+
+
+def test_cancel_after_run(loop):
+    h = loop.call_soon(lambda: None)
+    t = loop.call_later(0, lambda: None)
+    done = loop.create_future()
+    loop.call_later(0.005, done.set_result, None)
+    run_until(loop, done)
+    h.cancel()
+    t.cancel()
+    assert h.cancelled() and t.cancelled()
+
+
+def test_handle_cancels_itself_while_running(loop):
+    handles = {}
+    calls = []
+
+    def cb():
+        calls.append(1)
+        handles["h"].cancel()
+
+    handles["h"] = loop.call_soon(cb)
+    run_one_iteration(loop)
+    assert calls == [1]
+    assert handles["h"].cancelled()
