@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from asyncio import base_events
+from asyncio import base_events, format_helpers
 from asyncio.log import logger
 from typing import Any
 
@@ -49,7 +49,7 @@ class Loop(_mtloop.LoopCore, SignalMethods, SocketMethods, asyncio.BaseEventLoop
 
     def _mt_callback_error(self, handle: Any, exc: BaseException) -> None:
         """A callback raised: report it as asyncio's Handle._run() does."""
-        cb = base_events.format_helpers._format_callback_source(handle._callback, handle._args)
+        cb = format_helpers._format_callback_source(handle._callback, handle._args)
         context = {
             "message": f"Exception in callback {cb}",
             "exception": exc,

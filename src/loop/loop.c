@@ -317,8 +317,6 @@ static PyObject *add_watch(mt_loop *self, int dir, PyObject *const *args, Py_ssi
         return loop_closed_error();
     if (check_watch_thread(self) < 0)
         return NULL;
-    if (self->debug && debug_checks(self, args[1], fname, false) < 0)
-        return NULL;
     PyObject *h = mt_handle_new(self, args[1], args + 2, nargs - 2, NULL);
     if (h == NULL)
         return NULL;
