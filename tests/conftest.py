@@ -36,6 +36,7 @@ import faulthandler
 import importlib.machinery
 import os
 import signal
+import socket
 import sys
 import threading
 import traceback
@@ -319,3 +320,14 @@ def _no_leaked_running_loop_or_policy():
 
 # Convenience for tests.
 PY312 = sys.version_info >= (3, 12)
+
+
+@pytest.fixture
+def sockpair():
+    """A connected pair of non-blocking stream sockets."""
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    yield a, b
+    a.close()
+    b.close()

@@ -19,16 +19,6 @@ def wait_for(loop, fut, timeout=HANG_TIMEOUT):
 
 
 @pytest.fixture
-def sockpair():
-    a, b = socket.socketpair()
-    a.setblocking(False)
-    b.setblocking(False)
-    yield a, b
-    a.close()
-    b.close()
-
-
-@pytest.fixture
 def pipe():
     r, w = os.pipe()
     os.set_blocking(r, False)
