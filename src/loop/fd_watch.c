@@ -18,11 +18,8 @@ static void on_fd_event(evutil_socket_t fd, short what, void *arg)
     if (loop->fired_len == loop->fired_cap) {
         size_t cap = loop->fired_cap ? loop->fired_cap * 2 : 64;
         mt_fired *fired = realloc(loop->fired, cap * sizeof(*fired));
-        if (fired == NULL) {
-            /* The fd stays ready (level-triggered): it fires again next time. */
-            loop->fired_overflow = true;
-            return;
-        }
+        if (fired == NULL)
+            return; /* the fd stays ready (level-triggered): it fires again next time */
         loop->fired = fired;
         loop->fired_cap = cap;
     }
@@ -136,7 +133,6 @@ int mt_fd_watch_collect(mt_loop *loop)
         }
     }
     loop->fired_len = 0;
-    loop->fired_overflow = false;
     return rc;
 }
 

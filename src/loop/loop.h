@@ -52,7 +52,6 @@ struct mt_loop {
     size_t watches_len;
     mt_fired *fired;               /* filled by libevent callbacks during a wait */
     size_t fired_len, fired_cap;
-    bool fired_overflow;           /* an allocation failed while recording */
 
     _Atomic unsigned long owner_thread; /* thread running the loop, if running */
     _Atomic bool running;
