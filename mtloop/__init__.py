@@ -8,21 +8,54 @@ Use it with ``asyncio.run(main(), loop_factory=mtloop.new_event_loop)``
 from __future__ import annotations
 
 import asyncio
+import atexit
 from typing import Any, Coroutine, TypeVar
 
+from . import _mtloop
 from ._loop import Loop
 from ._mtloop import libevent_version
 
-__all__ = ["Loop", "EventLoopPolicy", "new_event_loop", "run",
-           "libevent_version"]
+__all__ = ["Loop", "EventLoopPolicy", "new_event_loop", "run", "runtime_stats",
+           "shutdown_runtime", "default_io_threads", "libevent_version"]
 __version__ = "0.1.0"
 
 _T = TypeVar("_T")
 
 
-def new_event_loop() -> Loop:
-    """Return a new mtloop event loop."""
-    return Loop()
+def new_event_loop(*, io_threads: int | None = None) -> Loop:
+    """Return a new mtloop event loop.
+
+    ``io_threads`` is how many of the process's I/O threads the loop
+    spreads its connections over (the pool grows to at least that many);
+    by default $MTLOOP_IO_THREADS, or the CPU count less one (at least 1,
+    at most 8)."""
+    return Loop(io_threads=io_threads)
+
+
+def runtime_stats() -> list[dict[str, int]]:
+    """Counters of each running I/O thread, one dict per thread.
+
+    Keys: ``thread`` (index), ``transports`` and ``listeners`` (owned now),
+    ``bytes_read``, ``bytes_written``, ``accepts``, ``commands`` and
+    ``completions`` (handled so far), ``wakeups_sent`` (eventfd writes that
+    woke the thread) and ``wakeups_received``.  Empty before the pool
+    starts and after it stops."""
+    return _mtloop.runtime_stats()
+
+
+def shutdown_runtime() -> None:
+    """Stop and join the I/O threads.  Their open transports are aborted
+    (connection_lost gets ConnectionAbortedError); the next transport or
+    server starts a fresh pool.  Also done at interpreter exit."""
+    _mtloop.shutdown_runtime()
+
+
+def default_io_threads() -> int:
+    """The number of I/O threads a loop uses when not told otherwise."""
+    return _mtloop.default_io_threads()
+
+
+atexit.register(_mtloop.shutdown_runtime)
 
 
 def run(main: Coroutine[Any, Any, _T], *, debug: bool | None = None) -> _T:

@@ -32,3 +32,10 @@ def handle_repr(handle: Any) -> str:
         frame = tb[-1]
         info.append(f"created at {frame[0]}:{frame[1]}")
     return "<{}>".format(" ".join(info))
+
+
+def log_warning(message: str) -> None:
+    """A warning on the asyncio logger, as the stock loop logs it."""
+    from asyncio.log import logger
+
+    logger.warning(message)

@@ -10,11 +10,14 @@ from typing import Any
 from . import _mtloop
 from ._signals import SignalMethods
 from ._sock import SocketMethods
+from ._streams import StreamMethods
+from ._unix import UnixSocketMethods
 
 __all__ = ["Loop"]
 
 
-class Loop(_mtloop.LoopCore, SignalMethods, SocketMethods, asyncio.BaseEventLoop):
+class Loop(_mtloop.LoopCore, SignalMethods, SocketMethods, StreamMethods, UnixSocketMethods,
+           asyncio.BaseEventLoop):
     """An asyncio event loop whose run loop, handles, timers and fd watchers
     are in C (mtloop._mtloop.LoopCore).
 
@@ -24,10 +27,16 @@ class Loop(_mtloop.LoopCore, SignalMethods, SocketMethods, asyncio.BaseEventLoop
     (run_until_complete, tasks, exception handling, executors, address
     resolution)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, io_threads: int | None = None) -> None:
+        if io_threads is not None:
+            if not isinstance(io_threads, int) or isinstance(io_threads, bool):
+                raise TypeError(
+                    f"io_threads must be an int or None, not {type(io_threads).__name__}")
+            self._mt_configure_io(io_threads)
         asyncio.BaseEventLoop.__init__(self)
         self._signal_handlers = {}
         self._mt_signal_socks = None
+        self._mt_listeners = {}
 
     def run_forever(self) -> None:
         restore = self._mt_install_wakeup_fd() if not self.is_running() else None
@@ -43,6 +52,9 @@ class Loop(_mtloop.LoopCore, SignalMethods, SocketMethods, asyncio.BaseEventLoop
         if self.is_closed():
             return
         self._mt_remove_all_signal_handlers()
+        listeners, self._mt_listeners = self._mt_listeners, {}
+        for listener in listeners.values():
+            listener.close()
         super().close()
         self._mt_close_signal_socket()
         self._core_close()

@@ -5,13 +5,36 @@ asyncio loop, and compare the two per suite.
 Usage::
 
     python tools/cpython_asyncio.py                       # default group, both loops
-    python tools/cpython_asyncio.py --network             # default + network group
+    python tools/cpython_asyncio.py --network             # network group only
+    python tools/cpython_asyncio.py --all                 # default + network group
     python tools/cpython_asyncio.py --suites test_tasks,test_events -k cancel
     python tools/cpython_asyncio.py --loop stock          # one column only
     python tools/cpython_asyncio.py --loop-class uvloop   # point the "mtloop" column elsewhere
     python tools/cpython_asyncio.py --json out.json -v
 
-The suites come from the interpreter running this script (3.11 - 3.13).
+The suites come from the interpreter running this script (3.11 - 3.13); run
+it with each Python for a table per version.
+
+Groups
+------
+default: test_events (the tests that need no sockets, pipes or subprocesses),
+test_runners, test_taskgroups, test_timeouts, test_tasks, test_futures.
+network (``--network``): test_events:network (the rest of test_events' loop
+mixins: create_connection/create_server/unix sockets/datagrams/pipes/ptys/
+subprocesses), test_streams, test_server, test_buffered_proto,
+test_sock_lowlevel, test_sendfile.
+
+The table has one row per suite: tests, passes per loop, regressions, known
+failures, TLS failures (below), other failures, and seconds per loop.  The
+regressions follow, each with its first failure line and where it was raised
+("at <innermost frame> <- <deepest frame in the test package>"), then the
+same regressions grouped by cause (exception and the function that raised
+it), which reads as the list of what the loop lacks.
+
+Tests that need TLS are counted in a "tls" column instead of as regressions
+while the known file's ``TLS_REASON`` is set: a test needs TLS when its name
+matches ``TLS_NAME_PATTERNS`` or it created an ``ssl.SSLContext`` on either
+loop.
 
 How it works
 ------------
@@ -21,7 +44,14 @@ machinery and appends JSON lines to a file that the parent reads.  A child
 that crashes or hangs loses only the test it was in: that test is reported as
 ``crash`` or ``timeout`` and a new child resumes with the tests that are left.
 Each test has a time limit (``--test-timeout``, enforced in the child with
-faulthandler) and each child one more (``--timeout``, enforced by the parent).
+faulthandler, which dumps every thread's stack into the child's log and
+exits; class and module fixtures get the same limit) and each child one more
+(``--timeout``, enforced by the parent with SIGABRT, so faulthandler dumps the
+stacks there too, then SIGKILL).  A hung test is reported as ``timeout`` with
+the frame its thread was waiting in, and printed as it happens.  Failing
+tests that passed on stock are run once more under mtloop to tell timing
+flakes from regressions, except crashes, hangs, TLS tests and failures no
+rerun can fix (NotImplementedError, a missing attribute).
 
 How the tests are pointed at the loop under test, in the child:
 
@@ -34,8 +64,21 @@ How the tests are pointed at the loop under test, in the child:
   test_sendfile, test_server, test_buffered_proto) have those classes replaced
   by one class built here from the module's mixin, whose ``create_event_loop``
   / ``new_loop`` returns the loop under test.  The stock column runs the very
-  same class with ``SelectorEventLoop(EpollSelector())``, so both columns hold
-  the same test ids;
+  same class with ``SelectorEventLoop(EpollSelector())`` (what the suites'
+  EPoll/Selector class runs on Linux), so both columns hold the same test ids:
+
+  - test_events: ``EventLoopTests(EventLoopTestsMixin)`` for the default group;
+    ``UnixEventLoopTests(UnixEventLoopTestsMixin, SubprocessTestsMixin)`` (with
+    its child-watcher setUp) for test_events:network, which runs that class
+    alone; both over test_utils.TestCase, split by NETWORK_TEST_RE;
+  - test_sock_lowlevel: ``SockTests(BaseSockTestsMixin)``; test_sendfile:
+    ``SendfileTests(SendfileTestsBase)`` (both with ``create_event_loop``);
+  - test_server: ``StartServerTests(SelectorStartServerTests)``;
+    test_buffered_proto: ``BufferedProtocolTests(BufferedProtocolSelectorTests)``
+    (both functional.FunctionalTestCaseMixin, with ``new_loop``);
+* test_streams (``StreamTests.setUp`` calls ``asyncio.new_event_loop()``) and
+  test_server's IsolatedAsyncioTestCase classes (TestServer2,
+  UnixServerCleanupTests) get the loop through the policy alone;
 * test_runners' ``BaseTest.new_loop`` (a mocked ``BaseEventLoop``) is replaced
   by a real loop of the column, keeping the ``shutdown_ag_run`` bookkeeping the
   tests check;
@@ -249,7 +292,7 @@ def child_main(args):
     import selectors
     from asyncio import selector_events
 
-    counters = {"loops": 0, "stock_loops": 0}
+    counters = {"loops": 0, "stock_loops": 0, "tls": 0}
     policy_cls = asyncio.DefaultEventLoopPolicy
     stock_policy_factory = policy_cls._loop_factory
 
@@ -287,6 +330,21 @@ def child_main(args):
             return orig_init(self, *a, **kw)
         selector_events.BaseSelectorEventLoop.__init__ = init
 
+    # Tests that need TLS are reported apart (TLS_REASON in the known file).
+    # Besides their names, what marks them is an ssl.SSLContext created while
+    # they run, on either loop (ssl=True makes one too).
+    try:
+        import ssl
+    except ImportError:
+        ssl = None
+    if ssl is not None:
+        orig_ctx_new = ssl.SSLContext.__new__
+
+        def ctx_new(cls, *a, **kw):
+            counters["tls"] += 1
+            return orig_ctx_new(cls, *a, **kw)
+        ssl.SSLContext.__new__ = staticmethod(ctx_new)
+
     # The runner must never silently test the stock loop in the mtloop column.
     asyncio.set_event_loop_policy(None)
     probe = asyncio.new_event_loop()
@@ -307,6 +365,7 @@ def child_main(args):
         asyncio.set_event_loop(None)
     counters["loops"] = 0
     counters["stock_loops"] = 0
+    counters["tls"] = 0
 
     spec = suite_spec(args.suite)
     modname = PKG + "." + spec["module"]
@@ -394,6 +453,10 @@ def child_main(args):
             skip_ids = set(json.load(f))
     tests = [t for t in tests
              if _match_k(_short_id(t.id()), args.k)]
+    if args.only_ids:
+        with open(args.only_ids, encoding="utf-8") as f:
+            only = set(json.load(f))
+        tests = [t for t in tests if _short_id(t.id()) in only]
     plan = [_short_id(t.id()) for t in tests]
     emit(event="plan", ids=plan, notes=notes,
          python=sys.version.split()[0], loop=repr(expected),
@@ -402,6 +465,13 @@ def child_main(args):
     tests = [t for t in tests if _short_id(t.id()) not in skip_ids]
 
     max_detail = 12000
+
+    def arm_watchdog():
+        # On a hang, faulthandler dumps every thread's stack into the log
+        # and exits; the parent reports the test that was running (its
+        # "start" record has no "result") as "timeout" and resumes after it.
+        if args.test_timeout:
+            faulthandler.dump_traceback_later(args.test_timeout, exit=True)
 
     class Result(unittest.TestResult):
         def __init__(self):
@@ -416,6 +486,7 @@ def child_main(args):
             super().startTest(test)
             counters["loops"] = 0
             counters["stock_loops"] = 0
+            counters["tls"] = 0
             self.cur = self._new(test)
             self.t0 = time.monotonic()
             sys.stdout.flush()
@@ -425,13 +496,13 @@ def child_main(args):
             except OSError:
                 pos = None
             emit(event="start", id=self.cur["id"], log_pos=pos)
-            if args.test_timeout:
-                faulthandler.dump_traceback_later(args.test_timeout, exit=True)
+            arm_watchdog()
 
         def stopTest(self, test):
-            if args.test_timeout:
-                faulthandler.cancel_dump_traceback_later()
             super().stopTest(test)
+            # Class and module fixtures run between tests: keep a watchdog
+            # on them too (a hang there is reported "outside a test").
+            arm_watchdog()
             rec = self.cur
             self.cur = None
             if rec is None:
@@ -439,6 +510,7 @@ def child_main(args):
             rec["time"] = round(time.monotonic() - self.t0, 3)
             rec["loops"] = counters["loops"]
             rec["stock_loops"] = counters["stock_loops"]
+            rec["tls"] = counters["tls"]
             emit(event="result", **rec)
 
         def _record(self, test, outcome, err=None, text=None, prefix=""):
@@ -503,7 +575,9 @@ def child_main(args):
 
     result = Result()
     suite = unittest.TestSuite(tests)
+    arm_watchdog()
     suite.run(result)
+    faulthandler.cancel_dump_traceback_later()
     emit(event="done")
     out.close()
     sys.stdout.flush()
@@ -517,10 +591,40 @@ def child_main(args):
 # Parent side
 # --------------------------------------------------------------------------
 
-def load_known(path):
+def _known_module(path):
     spec = importlib.util.spec_from_file_location("_cpython_asyncio_known", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def load_tls(path):
+    """(reason, name patterns) for the tests that need TLS, from the known
+    file's TLS_REASON / TLS_NAME_PATTERNS; reason is None once TLS counts."""
+    mod = _known_module(path)
+    reason = getattr(mod, "TLS_REASON", None)
+    if reason is not None and (not isinstance(reason, str) or not reason.strip()):
+        raise ValueError("%s: TLS_REASON must be a non-empty string or None"
+                         % path)
+    patterns = list(getattr(mod, "TLS_NAME_PATTERNS", ()))
+    return (reason.strip() if reason else None), patterns
+
+
+def needs_tls(test_id, recs, tls):
+    """Whether a test needs TLS: its method name matches one of the
+    patterns, or it created an ssl.SSLContext on either loop (recs: the
+    test's records, one per column, None where absent)."""
+    reason, patterns = tls
+    if not reason:
+        return False
+    name = test_id.rsplit(".", 1)[-1].lower()
+    if any(fnmatch.fnmatchcase(name, p.lower()) for p in patterns):
+        return True
+    return any(r and r.get("tls") for r in recs)
+
+
+def load_known(path):
+    mod = _known_module(path)
     known = getattr(mod, "KNOWN", None)
     if not isinstance(known, dict):
         raise ValueError("%s: KNOWN must be a dict" % path)
@@ -589,14 +693,15 @@ def _tail(path, nbytes=8000, start=None):
         return ""
 
 
-def run_column(suite, column, args, workdir):
-    """Run one suite in one column, restarting after crashes/hangs."""
+def run_column(suite, column, args, workdir, tag=""):
+    """Run one suite in one column, restarting after crashes/hangs.  tag
+    keeps the files of a second run of the same pair apart."""
     tests = {}
     plan = None
     notes = []
     runs = []
     meta = {}
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", suite) + "." + column
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", suite) + "." + column + tag
     t_start = time.monotonic()
     for attempt in range(args.max_restarts + 1):
         out_path = os.path.join(workdir, "%s.%d.jsonl" % (safe, attempt))
@@ -607,6 +712,11 @@ def run_column(suite, column, args, workdir):
                "--test-timeout", str(args.test_timeout)]
         for k in args.k or ():
             cmd += ["-k", k]
+        if getattr(args, "only_ids", None):
+            only_path = os.path.join(workdir, "%s.%d.only.json" % (safe, attempt))
+            with open(only_path, "w", encoding="utf-8") as f:
+                json.dump(sorted(args.only_ids), f)
+            cmd += ["--only-ids", only_path]
         if tests:
             skip_path = os.path.join(workdir, "%s.%d.skip.json" % (safe, attempt))
             with open(skip_path, "w", encoding="utf-8") as f:
@@ -626,6 +736,13 @@ def run_column(suite, column, args, workdir):
                 rc = proc.wait(timeout=args.timeout)
             except subprocess.TimeoutExpired:
                 timed_out = True
+                # SIGABRT first: faulthandler dumps every thread's stack into
+                # the log, which tells where the child hung.
+                try:
+                    os.kill(proc.pid, signal.SIGABRT)
+                    proc.wait(timeout=5)
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    pass
                 try:
                     os.killpg(proc.pid, signal.SIGKILL)
                 except ProcessLookupError:
@@ -737,10 +854,12 @@ def fill_missing(colres, all_ids):
     return out
 
 
-def classify(s, m, kreason):
+def classify(s, m, kreason, tls=False):
     if m in FAIL:
         if kreason:
             return "known"
+        if tls:
+            return "tls"
         if s in PASS:
             return "regression"
         if s in FAIL:
@@ -760,13 +879,22 @@ def classify(s, m, kreason):
 MAX_RETRIES = 20
 
 
-def retry_regressions(results, columns, known, args, workdir):
+# Failures that a second run cannot turn into passes: a missing method is
+# missing every time.  Not retried (it would only double the suite's time).
+NOT_RETRIED_RE = re.compile(
+    r"^(error|fail): (NotImplementedError\b|AttributeError: .* has no attribute )")
+
+
+def retry_regressions(results, columns, known, tls, args, workdir):
     """Runs each apparent regression once more, alone, under mtloop.
 
     The suites hold timing-sensitive tests that can fail on a loaded 2-core
     machine whatever the loop; a test that passes on the second run is
-    reported as flaky instead of as a regression.  Returns [(id, first
-    failure summary)]; the passing outcome replaces the first one."""
+    reported as flaky instead of as a regression.  Crashes and hangs are
+    not retried (a loop that crashes or hangs now and then is broken), nor
+    are failures that cannot be timing (NOT_RETRIED_RE), nor TLS tests.
+    Returns [(id, first failure summary)]; the passing outcome replaces the
+    first one."""
     flaky = []
     if len(columns) != 2:
         return flaky
@@ -774,14 +902,20 @@ def retry_regressions(results, columns, known, args, workdir):
         stock, target = cols["stock"]["tests"], cols["mtloop"]["tests"]
         suspects = [tid for tid, rec in target.items()
                     if rec["outcome"] in FAIL
+                    and rec["outcome"] not in ("crash", "timeout")
+                    and not NOT_RETRIED_RE.match(
+                        _summary_of(rec, rec["outcome"]))
                     and stock.get(tid, {}).get("outcome") in PASS
-                    and not known_reason(tid, known)[0]]
+                    and not known_reason(tid, known)[0]
+                    and not needs_tls(tid, (rec, stock.get(tid)), tls)]
         if not suspects or len(suspects) > MAX_RETRIES:
             continue
         sys.stderr.write("retrying %d apparent regression(s) of %s under mtloop ... "
                          % (len(suspects), suite))
-        again = run_column(suite, "mtloop", argparse.Namespace(**{**vars(args), "k": suspects}),
-                           workdir)
+        again = run_column(suite, "mtloop",
+                           argparse.Namespace(**{**vars(args), "k": None,
+                                                 "only_ids": suspects}),
+                           workdir, tag=".retry")
         passed = 0
         for tid in suspects:
             rec = again["tests"].get(tid)
@@ -820,6 +954,103 @@ def _summary_of(rec, outcome):
     return "%s: %s" % (outcome, s) if s else outcome
 
 
+_TB_FRAME_RE = re.compile(r'^\s*File "([^"]+)", line (\d+), in (\S+)')
+_FH_FRAME_RE = re.compile(r'^\s*File "([^"]+)", line (\d+) in (\S+)')
+_TEST_DIR_RE = re.compile(r"[/\\]test[/\\]test_asyncio[/\\]")
+
+
+def _frame_str(frame):
+    path, line, func = frame
+    return "%s:%s %s" % (os.path.basename(path), line, func)
+
+
+def _py_frames(detail):
+    """The frames (innermost last) and exception line of the last traceback
+    in a unittest error text (a chain prints the newest exception last)."""
+    blocks = []
+    cur = None
+    for line in (detail or "").splitlines():
+        if line.startswith("Traceback (most recent call last):"):
+            cur = {"frames": [], "exc": ""}
+            blocks.append(cur)
+            continue
+        if cur is None:
+            continue
+        m = _TB_FRAME_RE.match(line)
+        if m:
+            cur["frames"].append((m.group(1), m.group(2), m.group(3)))
+        elif line and not line[0].isspace() and not cur["exc"]:
+            cur["exc"] = line.strip()
+    return blocks[-1] if blocks else None
+
+
+def _fh_frames(detail):
+    """The frames (innermost last) of the thread running the test in a
+    faulthandler dump: the thread whose stack holds unittest's case.py,
+    else the first thread dumped."""
+    threads = []
+    cur = None
+    for line in (detail or "").splitlines():
+        if re.match(r"^(Current thread|Thread) 0x[0-9a-f]+", line):
+            cur = []
+            threads.append(cur)
+            continue
+        m = _FH_FRAME_RE.match(line)
+        if m and cur is not None:
+            cur.append((m.group(1), m.group(2), m.group(3)))
+    if not threads:
+        return None
+    for t in threads:
+        if any(f[0].endswith(os.path.join("unittest", "case.py")) for f in t):
+            return list(reversed(t))
+    return list(reversed(threads[0]))
+
+
+def where_of(rec):
+    """'innermost frame <- deepest frame in the test package' for a failure
+    record, or ''.  For a hang it is where the test's thread was waiting."""
+    if not rec:
+        return ""
+    detail = rec.get("detail") or ""
+    if rec.get("outcome") == "timeout":
+        frames = _fh_frames(detail)
+    else:
+        block = _py_frames(detail)
+        frames = block["frames"] if block else None
+    if not frames:
+        return ""
+    inner = frames[-1]
+    tests = [f for f in frames if _TEST_DIR_RE.search(f[0])]
+    text = "at " + _frame_str(inner)
+    if tests and tests[-1] != inner:
+        text += " <- " + _frame_str(tests[-1])
+    return text
+
+
+def cause_of(rec, summary):
+    """A key that groups failures by what is missing: the exception and the
+    function that raised it (assertion failures raised in the test itself
+    are grouped by their exception type only)."""
+    if not rec:
+        return summary
+    outcome = rec.get("outcome")
+    if outcome in ("timeout", "crash"):
+        frames = _fh_frames(rec.get("detail")) if outcome == "timeout" else None
+        if frames:
+            return "%s (waiting in %s)" % (outcome, _frame_str(frames[-1]))
+        return "%s: %s" % (outcome, rec.get("summary", ""))
+    block = _py_frames(rec.get("detail"))
+    if not block or not block["frames"]:
+        return summary
+    exc = block["exc"] or summary
+    path, _, func = block["frames"][-1]
+    if _TEST_DIR_RE.search(path):
+        if exc.startswith("AssertionError"):
+            exc = "AssertionError"
+        return "%s (raised in the test)" % exc[:160]
+    return "%s (in %s %s)" % (exc[:160], os.path.basename(path), func)
+
+
 def _display_path(path):
     rel = os.path.relpath(path)
     return path if rel.startswith("..") else rel
@@ -841,13 +1072,23 @@ def check_target(args):
     return proc.stdout.strip()
 
 
-def parent_main(args):
+def select_suites(args):
+    """The suites to run: --suites, else the default group; --network adds
+    the network group to --suites and stands alone otherwise; --all is both
+    groups."""
     if args.suites:
         suites = [s.strip() for s in args.suites.split(",") if s.strip()]
+    elif args.network and not args.all:
+        suites = []
     else:
         suites = list(DEFAULT_SUITES)
-    if args.network:
+    if args.network or args.all:
         suites += [s for s in NETWORK_SUITES if s not in suites]
+    return suites
+
+
+def parent_main(args):
+    suites = select_suites(args)
     for s in suites:
         mod = suite_spec(s)["module"]
         try:
@@ -860,6 +1101,7 @@ def parent_main(args):
     columns = list(COLUMNS) if args.loop == "both" else [args.loop]
     try:
         known = load_known(args.known)
+        tls = load_tls(args.known)
     except (ValueError, OSError, SyntaxError) as exc:
         sys.stderr.write("%s\n" % exc)
         return 2
@@ -869,10 +1111,11 @@ def parent_main(args):
         target_desc = check_target(args)
         if target_desc is None:
             return 2
+    pyver = sys.version.split()[0]
     out = sys.stdout
-    out.write("CPython test.test_asyncio from %s (Python %s)\n"
+    out.write("CPython test.test_asyncio from %s (Python %s, %s)\n"
               % (os.path.dirname(importlib.util.find_spec("test").origin),
-                 sys.version.split()[0]))
+                 pyver, sys.executable))
     if target_desc:
         out.write("mtloop column: --loop-class %s -> %s\n"
                   % (args.loop_class, target_desc))
@@ -894,8 +1137,11 @@ def parent_main(args):
                 len(outcomes), sum(o in PASS for o in outcomes), bad,
                 (" (%d crash/timeout)" % crashes) if crashes else "",
                 r["seconds"]))
+            for tid, rec in r["tests"].items():
+                if rec["outcome"] == "timeout":
+                    sys.stderr.write("    hung: %s %s\n" % (tid, where_of(rec)))
             sys.stderr.flush()
-        flaky = retry_regressions(results, columns, known, args, workdir)
+        flaky = retry_regressions(results, columns, known, tls, args, workdir)
     finally:
         if args.keep_logs:
             sys.stderr.write("child logs kept in %s\n" % workdir)
@@ -906,10 +1152,10 @@ def parent_main(args):
                   loop_class=args.loop_class if "mtloop" in columns else None,
                   target=target_desc, columns=columns, suites={},
                   regressions=[], known_passing=[], target_only=[],
-                  argv=sys.argv[1:])
+                  tls_reason=tls[0], argv=sys.argv[1:])
     rows = []
     listing = {"regression": [], "target-only": [], "known-passing": [],
-               "known": [], "both-fail": [], "stock-only": [],
+               "known": [], "tls": [], "both-fail": [], "stock-only": [],
                "target-skip": [], "failures": []}
     used_known = set()
     stock_loop_users = []
@@ -924,7 +1170,7 @@ def parent_main(args):
                     all_ids.append(tid)
         outcomes = {c: fill_missing(cols[c], all_ids) for c in columns}
         per_test = {}
-        counts = dict.fromkeys(["regression", "known", "target-only",
+        counts = dict.fromkeys(["regression", "known", "tls", "target-only",
                                 "both-fail", "known-passing", "stock-only",
                                 "target-skip", "ok", "skip"], 0)
         for tid in all_ids:
@@ -932,18 +1178,24 @@ def parent_main(args):
             key, reason = known_reason(tid, known)
             if key:
                 entry["known"] = reason
+            is_tls = needs_tls(tid, [cols[c]["tests"].get(tid) for c in columns],
+                               tls)
+            if is_tls:
+                entry["tls"] = True
             if len(columns) == 2:
-                cl = classify(entry["stock"], entry["mtloop"], reason)
+                cl = classify(entry["stock"], entry["mtloop"], reason, is_tls)
                 entry["class"] = cl
                 counts[cl] += 1
                 if key and cl in ("known", "known-passing"):
                     used_known.add(key)
                 if cl in listing:
                     rec = cols["mtloop"]["tests"].get(tid)
+                    summary = _summary_of(rec, entry["mtloop"])
                     listing[cl].append(dict(
-                        suite=s, id=tid, reason=reason,
-                        stock=entry["stock"],
-                        summary=_summary_of(rec, entry["mtloop"]),
+                        suite=s, id=tid,
+                        reason=tls[0] if cl == "tls" else reason,
+                        stock=entry["stock"], summary=summary,
+                        where=where_of(rec), cause=cause_of(rec, summary),
                         detail=(rec or {}).get("detail", "")))
             else:
                 c = columns[0]
@@ -953,10 +1205,15 @@ def parent_main(args):
                         used_known.add(key)
                         listing["known"].append(dict(suite=s, id=tid,
                                                      reason=reason))
+                    elif is_tls and c == "mtloop":
+                        listing["tls"].append(dict(suite=s, id=tid,
+                                                   reason=tls[0]))
                     else:
                         rec = cols[c]["tests"].get(tid)
+                        summary = _summary_of(rec, o)
                         listing["failures"].append(dict(
-                            suite=s, id=tid, summary=_summary_of(rec, o),
+                            suite=s, id=tid, summary=summary,
+                            where=where_of(rec), cause=cause_of(rec, summary),
                             detail=(rec or {}).get("detail", "")))
                 elif key and c == "mtloop" and o in PASS:
                     used_known.add(key)
@@ -976,16 +1233,21 @@ def parent_main(args):
 
         def n(c, kinds):
             return sum(o in kinds for o in outcomes[c].values())
+
+        def secs(c):
+            return "%.1f" % cols[c]["seconds"]
         if len(columns) == 2:
             rows.append([s, len(all_ids), n_pass("stock"), n_pass("mtloop"),
-                         counts["regression"], counts["known"],
+                         counts["regression"], counts["known"], counts["tls"],
                          counts["target-only"], counts["both-fail"],
-                         n(c="mtloop", kinds=SKIP), n_uses("mtloop")])
+                         n(c="mtloop", kinds=SKIP), n_uses("mtloop"),
+                         secs("stock"), secs("mtloop")])
         else:
             c = columns[0]
             rows.append([s, len(all_ids), n_pass(c),
                          n(c, {"fail", "xpass"}), n(c, {"error", "notrun"}),
-                         n(c, {"crash", "timeout"}), n(c, SKIP), n_uses(c)])
+                         n(c, {"crash", "timeout"}), n(c, SKIP), n_uses(c),
+                         secs(c)])
         report["suites"][s] = dict(
             module=suite_spec(s)["module"], counts=counts,
             columns={c: dict(notes=cols[c]["notes"], runs=cols[c]["runs"],
@@ -996,28 +1258,39 @@ def parent_main(args):
     # ---- table ---------------------------------------------------------
     if len(columns) == 2:
         headers = ["suite", "tests", "stock pass", "mtloop pass",
-                   "regressions", "known", "mtloop-only failures",
-                   "both fail", "mtloop skip", "uses mtloop"]
+                   "regressions", "known", "tls", "mtloop-only failures",
+                   "both fail", "mtloop skip", "uses mtloop", "stock s",
+                   "mtloop s"]
     else:
         headers = ["suite", "tests", "%s pass" % columns[0], "fail", "error",
-                   "crash/timeout", "skip", "uses loop"]
-    total = ["total"] + [sum(r[i] for r in rows) for i in range(1, len(headers))]
-    out.write("\n" + _fmt_table(headers, rows, total if len(rows) > 1 else None)
+                   "crash/timeout", "skip", "uses loop", "seconds"]
+    n_num = len(headers) - (3 if len(columns) == 2 else 2)
+    total = (["total"] + [sum(r[i] for r in rows) for i in range(1, n_num + 1)]
+             + ["%.1f" % sum(float(r[i]) for r in rows)
+                for i in range(n_num + 1, len(headers))])
+    out.write("\nPython %s\n" % pyver)
+    out.write(_fmt_table(headers, rows, total if len(rows) > 1 else None)
               + "\n")
-    out.write(
-        "\nCounts are per test method: test_tasks/test_futures count their C and\n"
-        "Python Task/Future variants separately, and many of their tests run on\n"
-        "test_utils.TestLoop, a fake loop; '%s' counts the tests that created\n"
-        "at least one loop of the %s column.\n"
-        % (headers[-1], "mtloop" if len(columns) == 2 else columns[0]))
+    if any(s in ("test_tasks", "test_futures") for s in suites):
+        out.write(
+            "\nCounts are per test method: test_tasks/test_futures count their C and\n"
+            "Python Task/Future variants separately, and many of their tests run on\n"
+            "test_utils.TestLoop, a fake loop.\n")
+    out.write("'%s' counts the tests that created at least one loop of the %s "
+              "column;\nseconds are wall time per suite and loop (restarts "
+              "included, retries not).\n"
+              % (headers[-3] if len(columns) == 2 else headers[-2],
+                 "mtloop" if len(columns) == 2 else columns[0]))
     if len(columns) == 2:
         out.write(
             "regressions: pass on stock, fail under mtloop, not in the known list.\n"
             "known: fail under mtloop, listed in %s.\n"
+            "tls: fail under mtloop and need TLS (%s), not counted.\n"
             "mtloop-only failures: fail under mtloop, skipped (or absent) on "
             "stock, not known.\n"
             "both fail: fail on both loops, not known.\n"
-            % _display_path(args.known))
+            % (_display_path(args.known),
+               tls[0] or "TLS_REASON is unset: TLS tests count like any other"))
 
     def show(title, items, limit):
         if not items:
@@ -1028,6 +1301,8 @@ def parent_main(args):
             line = "  %s" % it["id"]
             if it.get("summary"):
                 line += "\n      %s" % it["summary"]
+            if it.get("where"):
+                line += "\n      %s" % it["where"]
             if it.get("reason"):
                 line += "\n      known: %s" % it["reason"]
             out.write(line + "\n")
@@ -1038,21 +1313,46 @@ def parent_main(args):
             out.write("  ... and %d more (-v or --json for all)\n"
                       % (len(items) - len(shown)))
 
+    def show_causes(title, items):
+        """The failures grouped by cause_of(), most frequent first."""
+        if len(items) < 2:
+            return
+        groups = {}
+        for it in items:
+            groups.setdefault(it["cause"], []).append(it)
+        out.write("\n%s (%d tests, %d causes):\n"
+                  % (title, len(items), len(groups)))
+        for cause, its in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+            out.write("  %4d  %s\n" % (len(its), cause))
+            by_suite = {}
+            for it in its:
+                mod, _, rest = it["id"].partition(".")
+                by_suite.setdefault(mod, []).append(rest)
+            for mod, names in by_suite.items():
+                out.write("        %s: %s\n" % (mod, ", ".join(names)))
+
+    def show_ids(title, items):
+        if not items:
+            return
+        out.write("\n%s (%d):\n" % (title, len(items)))
+        for it in items:
+            out.write("  %s\n" % it["id"])
+
     if len(columns) == 2:
         show("REGRESSIONS (pass on stock, fail under mtloop)",
              listing["regression"], 200)
-        if len(listing["regression"]) >= 10:
-            causes = {}
-            for it in listing["regression"]:
-                causes[it["summary"]] = causes.get(it["summary"], 0) + 1
-            top = sorted(causes.items(), key=lambda kv: -kv[1])[:10]
-            out.write("\nmost common regression messages:\n")
-            for msg, cnt in top:
-                out.write("  %5d  %s\n" % (cnt, msg[:150]))
+        show_causes("regressions by cause", listing["regression"])
         show("mtloop-only failures (stock skipped these)",
              listing["target-only"], 50)
         show("known entries now passing under mtloop (remove them?)",
              listing["known-passing"], 100)
+        if listing["tls"]:
+            if args.verbose:
+                show("failing under mtloop, need TLS (%s)" % tls[0],
+                     listing["tls"], 10**6)
+            else:
+                show_ids("failing under mtloop, need TLS, not counted: %s"
+                         % tls[0], listing["tls"])
         if args.verbose:
             show("known failures", listing["known"], 10**6)
             show("failing on both loops", listing["both-fail"], 10**6)
@@ -1066,6 +1366,8 @@ def parent_main(args):
                           "mtloop (-v lists them).\n" % n_skip)
     else:
         show("failures (%s)" % columns[0], listing["failures"], 200)
+        show_causes("failures by cause", listing["failures"])
+        show_ids("failing, need TLS, not counted: %s" % tls[0], listing["tls"])
         show("known entries now passing", listing["known-passing"], 100)
         if args.verbose:
             show("known failures", listing["known"], 10**6)
@@ -1088,6 +1390,12 @@ def parent_main(args):
                               kinds.count("timeout"),
                               "" if runs[-1]["done"] else
                               "; the last one did not finish"))
+                for tid, rec in results[s][c]["tests"].items():
+                    if rec["outcome"] in ("crash", "timeout"):
+                        out.write("  %s %s: %s\n      %s\n" % (
+                            rec["outcome"], tid, rec.get("summary", ""),
+                            where_of(rec) or "(no stack was dumped; "
+                            "--keep-logs keeps the child's log)"))
             for note in results[s][c]["notes"]:
                 if args.verbose or note.startswith(("gave up", "WARNING")):
                     out.write("note: %s (%s): %s\n" % (s, c, note))
@@ -1103,6 +1411,7 @@ def parent_main(args):
     report["known_passing"] = listing["known-passing"]
     report["target_only"] = listing["target-only"]
     report["failures"] = listing["failures"]
+    report["tls"] = listing["tls"]
     report["stock_loop_users"] = stock_loop_users
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
@@ -1135,7 +1444,10 @@ def main(argv=None):
                         "%s; any other test.test_asyncio module runs as is)"
                         % (",".join(DEFAULT_SUITES), ",".join(NETWORK_SUITES)))
     p.add_argument("--network", action="store_true",
-                   help="also run the network group")
+                   help="run the network group (transports, servers, streams, "
+                        "sendfile); alone, or added to --suites")
+    p.add_argument("--all", action="store_true",
+                   help="run the default and the network group")
     p.add_argument("--json", metavar="OUT", help="write all details to OUT")
     p.add_argument("-k", action="append", metavar="PATTERN",
                    help="only tests whose id contains PATTERN (fnmatch if it "
@@ -1166,6 +1478,7 @@ def main(argv=None):
     p.add_argument("--column", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--skip-ids", help=argparse.SUPPRESS)
+    p.add_argument("--only-ids", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.impl_module:
         args.loop_class = args.impl_module

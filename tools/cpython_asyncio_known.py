@@ -37,12 +37,72 @@ differ between 3.11, 3.12 and 3.13).  Patterns use ``fnmatch.fnmatchcase``:
 covers all SSL tests of that class.
 """
 
+# -- TLS ----------------------------------------------------------------------
+# While TLS_REASON is a string, tests that need TLS are not regressions: the
+# runner counts those that fail under mtloop in a "tls" column of their own
+# and lists them with this reason.  A test needs TLS when its method name
+# matches one of TLS_NAME_PATTERNS (fnmatch, case-insensitive) or when it
+# created an ssl.SSLContext while it ran, on either loop (so a TLS test whose
+# name says nothing is caught on the stock side).  Set TLS_REASON = None when
+# mtloop gets TLS: they then count like any other test.
+TLS_REASON: str | None = "TLS is a later issue"
+TLS_NAME_PATTERNS: list[str] = ["*ssl*", "*tls*"]
+
 KNOWN: dict[str, str] = {
     # -- stock internals ----------------------------------------------------
     "test_events.EventLoopTests.test_timeout_rounding":
         "builds its assertion message from loop._selector, the stock selector "
         "loop's private selector object, which mtloop (a libevent base) has not",
-    # -- network: transports and servers are issue #3 ------------------------
-    "test_events.TestServer.test_get_loop":
-        "network: create_server needs transports and servers (issue #3)",
+    # -- not in #3: subprocesses, pipes and datagrams are later issues -------
+    "test_events.UnixEventLoopTests.test_subprocess_close_after_finish":
+        "subprocess transports are not in mtloop yet (a later issue; #3 is TCP and Unix streams)",
+    "test_events.UnixEventLoopTests.test_subprocess_close_client_stream":
+        "subprocess transports are not in mtloop yet (a later issue; #3 is TCP and Unix streams)",
+    "test_events.UnixEventLoopTests.test_subprocess_exec":
+        "subprocess transports are not in mtloop yet (a later issue; #3 is TCP and Unix streams)",
+    "test_events.UnixEventLoopTests.test_subprocess_exitcode":
+        "subprocess transports are not in mtloop yet (a later issue; #3 is TCP and Unix streams)",
+    "test_events.UnixEventLoopTests.test_subprocess_interactive":
+        "subprocess transports are not in mtloop yet (a later issue; #3 is TCP and Unix streams)",
+    "test_events.UnixEventLoopTests.test_subprocess_kill":
+        "subprocess transports are not in mtloop yet (a later issue; #3 is TCP and Unix streams)",
+    "test_events.UnixEventLoopTests.test_subprocess_send_signal":
+        "subprocess transports are not in mtloop yet (a later issue; #3 is TCP and Unix streams)",
+    "test_events.UnixEventLoopTests.test_subprocess_shell":
+        "subprocess transports are not in mtloop yet (a later issue; #3 is TCP and Unix streams)",
+    "test_events.UnixEventLoopTests.test_subprocess_stderr":
+        "subprocess transports are not in mtloop yet (a later issue; #3 is TCP and Unix streams)",
+    "test_events.UnixEventLoopTests.test_subprocess_stderr_redirect_to_stdout":
+        "subprocess transports are not in mtloop yet (a later issue; #3 is TCP and Unix streams)",
+    "test_events.UnixEventLoopTests.test_subprocess_terminate":
+        "subprocess transports are not in mtloop yet (a later issue; #3 is TCP and Unix streams)",
+    "test_events.UnixEventLoopTests.test_subprocess_wait_no_same_group":
+        "subprocess transports are not in mtloop yet (a later issue; #3 is TCP and Unix streams)",
+    "test_events.UnixEventLoopTests.test_bidirectional_pty":
+        "pipe transports are not in mtloop yet (a later issue; #3 is TCP and Unix streams)",
+    "test_events.UnixEventLoopTests.test_read_pipe":
+        "pipe transports are not in mtloop yet (a later issue; #3 is TCP and Unix streams)",
+    "test_events.UnixEventLoopTests.test_read_pty_output":
+        "pipe transports are not in mtloop yet (a later issue; #3 is TCP and Unix streams)",
+    "test_events.UnixEventLoopTests.test_unclosed_pipe_transport":
+        "pipe transports are not in mtloop yet (a later issue; #3 is TCP and Unix streams)",
+    "test_events.UnixEventLoopTests.test_write_pipe":
+        "pipe transports are not in mtloop yet (a later issue; #3 is TCP and Unix streams)",
+    "test_events.UnixEventLoopTests.test_write_pipe_disconnect_on_close":
+        "pipe transports are not in mtloop yet (a later issue; #3 is TCP and Unix streams)",
+    "test_events.UnixEventLoopTests.test_write_pty":
+        "pipe transports are not in mtloop yet (a later issue; #3 is TCP and Unix streams)",
+    "test_streams.StreamTests.test_read_all_from_pipe_reader":
+        "pipe transports are not in mtloop yet (a later issue; #3 is TCP and Unix streams)",
+    "test_events.UnixEventLoopTests.test_create_datagram_endpoint":
+        "datagram transports are not in mtloop yet (a later issue; #3 is TCP and Unix streams)",
+    "test_events.UnixEventLoopTests.test_create_datagram_endpoint_ipv6":
+        "datagram transports are not in mtloop yet (a later issue; #3 is TCP and Unix streams)",
+    "test_events.UnixEventLoopTests.test_create_datagram_endpoint_sock":
+        "datagram transports are not in mtloop yet (a later issue; #3 is TCP and Unix streams)",
+    "test_events.UnixEventLoopTests.test_datagram_send_to_non_listening_address":
+        "datagram transports are not in mtloop yet (a later issue; #3 is TCP and Unix streams)",
+    "test_sendfile.SendfileTests.test_sendfile_not_supported":
+        "uses create_datagram_endpoint to get a transport without sendfile; "
+        "datagram transports are a later issue",
 }

@@ -148,7 +148,9 @@ void mt_fd_watch_clear_all(mt_loop *loop)
     loop->fired_len = loop->fired_cap = 0;
     for (size_t fd = 0; fd < len; fd++) {
         for (int dir = 0; dir < 2; dir++) {
-            if (watches[fd].events[dir] != NULL)
+            /* No base: a forked child's copy, whose epoll set is the
+             * parent's; leave it alone. */
+            if (watches[fd].events[dir] != NULL && loop->base != NULL)
                 event_free(watches[fd].events[dir]);
         }
     }

@@ -10,6 +10,10 @@
 #include "loop/fd_watch.h"
 #include "loop/handle.h"
 #include "pyext/module.h"
+#include "transport/listener.h"
+#include "transport/listener_core.h"
+#include "transport/stream.h"
+#include "transport/stream_core.h"
 
 /* A call_soon_threadsafe() handle on its way through the MPSC queue. */
 typedef struct mt_pending {
@@ -21,6 +25,8 @@ typedef struct mt_pending {
 #define MT_MAX_WAIT_SECONDS (24.0 * 3600.0)
 /* Compact the timer heap when more than half of at least this many are cancelled. */
 #define MT_MIN_TIMERS_FOR_COMPACTION 100
+/* Completions dispatched per iteration at most. */
+#define MT_MAX_COMPLETIONS_PER_ITERATION 4096
 
 double mt_loop_time(void)
 {
@@ -169,7 +175,7 @@ static PyObject *loop_call_soon_threadsafe(mt_loop *self, PyObject *const *args,
         }
         p->handle = Py_NewRef(h); /* owned by the queue until drained */
         mt_mpsc_queue_push(&self->threadsafe, &p->node);
-        mt_waker_notify(&self->waker);
+        mt_waker_notify(&self->sink->waker);
     }
     return h;
 }
@@ -384,7 +390,7 @@ static PyObject *loop_remove_writer(mt_loop *self, PyObject *fd)
 
 static void on_waker_event(evutil_socket_t Py_UNUSED(fd), short Py_UNUSED(what), void *arg)
 {
-    mt_waker_drain(&((mt_loop *)arg)->waker);
+    mt_waker_drain(&((mt_loop *)arg)->sink->waker);
 }
 
 static void on_timeout_event(evutil_socket_t Py_UNUSED(fd), short Py_UNUSED(what),
@@ -502,16 +508,161 @@ static int run_ready_debug(mt_loop *self, PyObject *h)
     return rc;
 }
 
+/* Hands I/O threads' completions to their transports and servers.  At
+ * most a bounded batch per iteration, so a flood cannot starve timers. */
+static int drain_completions(mt_loop *self)
+{
+    for (int i = 0; i < MT_MAX_COMPLETIONS_PER_ITERATION; i++) {
+        mt_mpsc_node *node = mt_mpsc_queue_pop(&self->sink->queue);
+        if (node == NULL)
+            return 0;
+        mt_done *done = MT_CONTAINER_OF(node, mt_done, node);
+        int rc = done->source->ops == &mt_stream_ops ? mt_stream_core_dispatch(self, done)
+                                                     : mt_listener_core_dispatch(self, done);
+        if (rc < 0)
+            return -1;
+    }
+    return 0;
+}
+
+static PyObject *forked_error(mt_loop *self)
+{
+    (void)self;
+    PyErr_SetString(PyExc_RuntimeError,
+                    "this mtloop event loop was created before os.fork() in the parent "
+                    "process and cannot be used in the child; create a new event loop");
+    return NULL;
+}
+
+int mt_loop_check_usable(mt_loop *loop)
+{
+    if (loop->fork_generation != mt_fork_generation()) {
+        forked_error(loop);
+        return -1;
+    }
+    if (loop->core_closed || loop->closed) {
+        loop_closed_error();
+        return -1;
+    }
+    return 0;
+}
+
+mt_io_thread *mt_loop_pick_io(mt_loop *loop)
+{
+    if (mt_loop_check_usable(loop) < 0)
+        return NULL;
+    unsigned i = loop->io_next++ % (unsigned)loop->io_count;
+    if (!loop->io_acquired || mt_io_thread_stopped(loop->io[i])) {
+        /* First use, or the pool was shut down and restarted since. */
+        mt_loop_publish(loop);
+        if (mt_runtime_acquire(loop->io_count, loop->io) < 0) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            return NULL;
+        }
+        loop->io_acquired = true;
+    }
+    return loop->io[i];
+}
+
+void mt_loop_post(mt_loop *loop, mt_io_thread *io, mt_cmd *cmd)
+{
+    atomic_store_explicit(&cmd->node.next, NULL, memory_order_relaxed);
+    int i;
+    for (i = 0; i < loop->io_count && loop->io[i] != io; i++)
+        ;
+    if (i == loop->io_count || loop->core_closed) {
+        /* A thread of a pool shut down since, or a closed loop. */
+        if (!mt_io_thread_post(io, cmd, cmd))
+            mt_cmd_free(cmd);
+        return;
+    }
+    mt_cmd_batch *b = &loop->batches[i];
+    if (b->last)
+        atomic_store_explicit(&b->last->node.next, &cmd->node, memory_order_relaxed);
+    else
+        b->first = cmd;
+    b->last = cmd;
+    if (!atomic_load_explicit(&loop->running, memory_order_relaxed))
+        mt_loop_publish(loop);
+}
+
+void mt_loop_publish(mt_loop *loop)
+{
+    if (!loop->io_acquired)
+        return;
+    for (int i = 0; i < loop->io_count; i++) {
+        mt_cmd_batch *b = &loop->batches[i];
+        if (b->first == NULL)
+            continue;
+        mt_cmd *first = b->first, *last = b->last;
+        b->first = b->last = NULL;
+        if (!mt_io_thread_post(loop->io[i], first, last)) {
+            /* The pool stopped: its threads aborted every transport. */
+            mt_mpsc_node *n = &first->node;
+            while (n != NULL) {
+                mt_mpsc_node *next = atomic_load_explicit(&n->next, memory_order_relaxed);
+                mt_cmd_free(MT_CONTAINER_OF(n, mt_cmd, node));
+                n = n == &last->node ? NULL : next;
+            }
+        }
+    }
+}
+
+/* Makes every I/O thread let go of this loop's transports and listeners,
+ * waiting (without the GIL) until they have, then frees what they had
+ * already sent. */
+static void close_sink(mt_loop *self)
+{
+    if (self->fork_generation == mt_fork_generation() && self->io_acquired) {
+        mt_loop_publish(self);
+        mt_latch latch;
+        mt_latch_init(&latch);
+        for (int i = 0; i < self->io_count; i++) {
+            mt_cmd *cmd = mt_cmd_new(MT_CMD_SINK_CLOSE, self->sink, 0);
+            if (cmd == NULL)
+                continue;
+            cmd->latch = &latch;
+            mt_latch_add(&latch);
+            if (!mt_io_thread_post(self->io[i], cmd, cmd)) {
+                mt_latch_done(&latch);
+                mt_cmd_free(cmd);
+            }
+        }
+        Py_BEGIN_ALLOW_THREADS
+        mt_latch_wait(&latch);
+        Py_END_ALLOW_THREADS
+        mt_latch_destroy(&latch);
+    }
+    /* After fork() the parent's threads are gone and nothing drains what
+     * they held: it is left as it is. */
+    mt_mpsc_node *node;
+    while ((node = mt_mpsc_queue_pop(&self->sink->queue)) != NULL)
+        mt_done_free(MT_CONTAINER_OF(node, mt_done, node));
+    mt_stream_core_detach_all(self);
+}
+
+static PyObject *loop_check_usable(mt_loop *self, PyObject *Py_UNUSED(ignored))
+{
+    if (mt_loop_check_usable(self) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyObject *loop_run_once(mt_loop *self, PyObject *Py_UNUSED(ignored))
 {
     if (self->core_closed)
         return loop_closed_error();
 
+    if (self->fork_generation != mt_fork_generation())
+        return forked_error(self);
+
     drop_cancelled_timers(self);
     bool drained = drain_threadsafe(self);
+    mt_loop_publish(self);
 
     double timeout = -1.0;
-    if (mt_ready_queue_len(&self->ready) || self->stopping || !drained) {
+    if (mt_ready_queue_len(&self->ready) || self->stopping || !drained ||
+        !mt_mpsc_queue_is_empty(&self->sink->queue)) {
         timeout = 0.0;
     } else {
         const mt_timer *top = mt_timer_heap_peek(&self->timers);
@@ -525,16 +676,17 @@ static PyObject *loop_run_once(mt_loop *self, PyObject *Py_UNUSED(ignored))
     }
     if (timeout != 0.0) {
         /* Announce the sleep, then look once more for work that raced it. */
-        mt_waker_prepare_sleep(&self->waker);
-        if (!mt_mpsc_queue_is_empty(&self->threadsafe))
+        mt_waker_prepare_sleep(&self->sink->waker);
+        if (!mt_mpsc_queue_is_empty(&self->threadsafe) ||
+            !mt_mpsc_queue_is_empty(&self->sink->queue))
             timeout = 0.0;
     }
     if (PyErr_CheckSignals() < 0) {
-        mt_waker_awake(&self->waker);
+        mt_waker_awake(&self->sink->waker);
         return NULL;
     }
     int rc = wait_for_events(self, timeout);
-    mt_waker_awake(&self->waker);
+    mt_waker_awake(&self->sink->waker);
     if (rc < 0)
         return NULL;
 
@@ -544,6 +696,8 @@ static PyObject *loop_run_once(mt_loop *self, PyObject *Py_UNUSED(ignored))
     /* Signal handlers (KeyboardInterrupt included) run here, as they would
      * when asyncio's select() returns with EINTR. */
     if (PyErr_CheckSignals() < 0)
+        return NULL;
+    if (drain_completions(self) < 0)
         return NULL;
 
     double end_time = mt_loop_time() + self->clock_resolution;
@@ -571,9 +725,12 @@ static PyObject *loop_run_once(mt_loop *self, PyObject *Py_UNUSED(ignored))
         PyObject *h = mt_ready_queue_pop(&self->ready);
         int res = self->debug ? run_ready_debug(self, h) : run_ready(self, h);
         Py_DECREF(h);
-        if (res < 0)
+        if (res < 0) {
+            mt_loop_publish(self);
             return NULL;
+        }
     }
+    mt_loop_publish(self);
     Py_RETURN_NONE;
 }
 
@@ -609,7 +766,17 @@ static void core_release(mt_loop *self)
         if (dead == NULL || PyList_Append(dead, h) == 0)
             Py_DECREF(h);
     }
+    if (self->fork_generation != mt_fork_generation()) {
+        /* A child of fork(): the event base shares its epoll instance with
+         * the parent's loop, so unregistering anything would break the
+         * parent.  Everything C-side is left as it is. */
+        self->base = NULL;
+        self->timeout_event = self->waker_event = NULL;
+        self->sink = NULL;
+    }
     mt_fd_watch_clear_all(self);
+    if (self->sink != NULL)
+        close_sink(self);
     if (self->timeout_event)
         event_free(self->timeout_event);
     if (self->waker_event)
@@ -618,7 +785,9 @@ static void core_release(mt_loop *self)
         event_base_free(self->base);
     self->timeout_event = self->waker_event = NULL;
     self->base = NULL;
-    mt_waker_close(&self->waker);
+    if (self->sink != NULL)
+        mt_sink_decref(self->sink);
+    self->sink = NULL;
     mt_ready_queue_free(&self->ready);
     mt_timer_heap_free(&self->timers);
     Py_CLEAR(self->current_handle);
@@ -644,7 +813,8 @@ static PyObject *loop_new(PyTypeObject *type, PyObject *Py_UNUSED(args),
     mt_ready_queue_init(&self->ready);
     mt_timer_heap_init(&self->timers);
     mt_mpsc_queue_init(&self->threadsafe);
-    self->waker.fd = -1;
+    self->io_count = mt_runtime_default_size();
+    self->fork_generation = mt_fork_generation();
     atomic_init(&self->owner_thread, 0);
     atomic_init(&self->running, false);
     self->slow_callback_duration = 0.1;
@@ -652,7 +822,8 @@ static PyObject *loop_new(PyTypeObject *type, PyObject *Py_UNUSED(args),
     self->clock_resolution =
         clock_getres(CLOCK_MONOTONIC, &res) == 0 ? res.tv_sec + res.tv_nsec * 1e-9 : 1e-9;
 
-    if (mt_waker_init(&self->waker) < 0) {
+    self->sink = mt_sink_new();
+    if (self->sink == NULL) {
         PyErr_SetFromErrno(PyExc_OSError);
         goto fail;
     }
@@ -667,7 +838,7 @@ static PyObject *loop_new(PyTypeObject *type, PyObject *Py_UNUSED(args),
         PyErr_SetString(PyExc_OSError, "libevent could not create an event base");
         goto fail;
     }
-    self->waker_event = event_new(self->base, self->waker.fd, EV_READ | EV_PERSIST,
+    self->waker_event = event_new(self->base, self->sink->waker.fd, EV_READ | EV_PERSIST,
                                   on_waker_event, self);
     self->timeout_event = evtimer_new(self->base, on_timeout_event, self);
     if (self->waker_event == NULL || self->timeout_event == NULL)
@@ -691,6 +862,8 @@ static int loop_traverse(mt_loop *self, visitproc visit, void *arg)
     for (size_t i = 0; i < mt_timer_heap_len(&self->timers); i++)
         Py_VISIT((PyObject *)self->timers.items[i].data);
     Py_VISIT(self->current_handle);
+    for (mt_stream_core *c = self->live; c != NULL; c = c->live_next)
+        Py_VISIT((PyObject *)c);
     return mt_fd_watch_traverse(self, visit, arg);
 }
 
@@ -774,7 +947,33 @@ static PyObject *loop_get_timer_count(mt_loop *self, void *Py_UNUSED(c))
     return PyLong_FromSize_t(mt_timer_heap_len(&self->timers));
 }
 
+static PyObject *loop_get_io_threads(mt_loop *self, void *Py_UNUSED(c))
+{
+    return PyLong_FromLong(self->io_count);
+}
+
+static PyObject *loop_configure_io(mt_loop *self, PyObject *arg)
+{
+    long n = PyLong_AsLong(arg);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    if (n < 1 || n > MT_IO_THREADS_MAX) {
+        PyErr_Format(PyExc_ValueError, "io_threads must be between 1 and %d, not %ld",
+                     MT_IO_THREADS_MAX, n);
+        return NULL;
+    }
+    if (self->io_acquired) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "io_threads cannot change once the loop has transports");
+        return NULL;
+    }
+    self->io_count = (int)n;
+    Py_RETURN_NONE;
+}
+
 static PyGetSetDef loop_getset[] = {
+    {"io_threads", (getter)loop_get_io_threads, NULL,
+     "How many I/O threads this loop spreads its transports over.", NULL},
     {"_stopping", (getter)loop_get_stopping, (setter)loop_set_stopping, NULL, NULL},
     {"_debug", (getter)loop_get_debug, (setter)loop_set_debug, NULL, NULL},
     {"_closed", (getter)loop_get_closed, (setter)loop_set_closed, NULL, NULL},
@@ -821,6 +1020,8 @@ static PyMethodDef loop_methods[] = {
     {"_remove_reader", (PyCFunction)loop_remove_reader, METH_O, NULL},
     {"_remove_writer", (PyCFunction)loop_remove_writer, METH_O, NULL},
     {"_core_close", (PyCFunction)loop_core_close, METH_NOARGS, "Release the C resources."},
+    {"_mt_configure_io", (PyCFunction)loop_configure_io, METH_O, NULL},
+    {"_mt_check_usable", (PyCFunction)loop_check_usable, METH_NOARGS, NULL},
     {NULL, NULL, 0, NULL},
 };
 

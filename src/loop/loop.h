@@ -19,6 +19,7 @@
 #include <stdbool.h>
 
 #include "io_threads/mpsc_queue.h"
+#include "io_threads/runtime.h"
 #include "io_threads/waker.h"
 #include "loop/ready_queue.h"
 #include "loop/timer_heap.h"
@@ -27,6 +28,13 @@ struct event_base;
 struct event;
 typedef struct mt_fd_watch mt_fd_watch;
 typedef struct mt_loop mt_loop;
+typedef struct mt_stream_core mt_stream_core;
+
+/* Commands for one I/O thread gathered during an iteration, published
+ * together before the loop waits. */
+typedef struct mt_cmd_batch {
+    mt_cmd *first, *last;
+} mt_cmd_batch;
 
 /* An fd event reported by libevent during a wait: recorded without the GIL
  * and turned into ready handles after the wait. */
@@ -46,7 +54,18 @@ struct mt_loop {
     Py_ssize_t timer_cancelled_count;
 
     mt_mpsc_queue threadsafe;      /* call_soon_threadsafe from other threads */
-    mt_waker waker;
+    mt_sink *sink;                 /* completions from I/O threads; its waker
+                                      also serves call_soon_threadsafe */
+
+    /* The I/O threads this loop spreads its transports over (acquired on
+     * first use) and the commands waiting to be published to each. */
+    int io_count;
+    bool io_acquired;
+    unsigned io_next;              /* round robin */
+    mt_io_thread *io[MT_IO_THREADS_MAX];
+    mt_cmd_batch batches[MT_IO_THREADS_MAX];
+    unsigned fork_generation;      /* of the process that made the loop */
+    mt_stream_core *live;          /* open transports' loop halves */
 
     mt_fd_watch *watches;          /* indexed by fd */
     size_t watches_len;
@@ -78,5 +97,19 @@ int mt_loop_report_callback_error(mt_loop *loop, PyObject *handle, PyObject *exc
 PyObject *mt_loop_source_traceback(mt_loop *loop);
 
 int mt_loop_type_init(PyObject *module);
+
+/* ---- for transports ----------------------------------------------------- */
+
+/* Raises RuntimeError (and returns -1) when the loop is closed or was made
+ * before a fork() in another process. */
+int mt_loop_check_usable(mt_loop *loop);
+/* The I/O thread for a new transport or listener (round robin), starting
+ * the pool on first use.  NULL with an exception set on failure. */
+mt_io_thread *mt_loop_pick_io(mt_loop *loop);
+/* Queues a command for its I/O thread: published at the end of the current
+ * iteration, or at once when the loop is not running.  Takes `cmd`. */
+void mt_loop_post(mt_loop *loop, mt_io_thread *io, mt_cmd *cmd);
+/* Publishes every queued command. */
+void mt_loop_publish(mt_loop *loop);
 
 #endif

@@ -3,8 +3,11 @@
 
 #include <event2/event.h>
 
+#include "io_threads/runtime.h"
 #include "loop/handle.h"
 #include "loop/loop.h"
+#include "transport/listener_core.h"
+#include "transport/stream_core.h"
 
 static PyObject *helpers; /* mtloop._helpers, imported on first use */
 
@@ -37,8 +40,63 @@ static PyObject *libevent_version(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(a)
     return PyUnicode_FromString(event_get_version());
 }
 
+static int put_u64(PyObject *d, const char *key, uint64_t v)
+{
+    PyObject *o = PyLong_FromUnsignedLongLong(v);
+    if (o == NULL)
+        return -1;
+    int rc = PyDict_SetItemString(d, key, o);
+    Py_DECREF(o);
+    return rc;
+}
+
+static PyObject *runtime_stats(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(a))
+{
+    PyObject *list = PyList_New(0);
+    mt_io_snapshot snap;
+    for (int i = 0; list != NULL && mt_runtime_snapshot(i, &snap); i++) {
+        PyObject *d = PyDict_New();
+        if (d == NULL || put_u64(d, "thread", (uint64_t)i) < 0 ||
+            put_u64(d, "transports", snap.transports) < 0 ||
+            put_u64(d, "listeners", snap.listeners) < 0 ||
+            put_u64(d, "bytes_read", snap.bytes_read) < 0 ||
+            put_u64(d, "bytes_written", snap.bytes_written) < 0 ||
+            put_u64(d, "accepts", snap.accepts) < 0 ||
+            put_u64(d, "commands", snap.commands) < 0 ||
+            put_u64(d, "completions", snap.completions) < 0 ||
+            put_u64(d, "wakeups_sent", snap.wakeups_sent) < 0 ||
+            put_u64(d, "wakeups_received", snap.wakeups_received) < 0 ||
+            PyList_Append(list, d) < 0) {
+            Py_XDECREF(d);
+            Py_CLEAR(list);
+            break;
+        }
+        Py_DECREF(d);
+    }
+    return list;
+}
+
+static PyObject *shutdown_runtime(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(a))
+{
+    Py_BEGIN_ALLOW_THREADS
+    mt_runtime_shutdown();
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *default_io_threads(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(a))
+{
+    return PyLong_FromLong(mt_runtime_default_size());
+}
+
 static PyMethodDef module_methods[] = {
     {"libevent_version", libevent_version, METH_NOARGS, "The libevent version in use."},
+    {"runtime_stats", runtime_stats, METH_NOARGS,
+     "Per-I/O-thread counters of the running pool, as a list of dicts."},
+    {"shutdown_runtime", shutdown_runtime, METH_NOARGS,
+     "Stop and join the I/O threads; their transports are aborted."},
+    {"default_io_threads", default_io_threads, METH_NOARGS,
+     "The pool size used when a loop does not ask for one."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -56,7 +114,9 @@ PyMODINIT_FUNC PyInit__mtloop(void)
     PyObject *m = PyModule_Create(&mtloop_module);
     if (m == NULL)
         return NULL;
-    if (mt_handles_init() < 0 || mt_loop_type_init(m) < 0) {
+    mt_runtime_init();
+    if (mt_handles_init() < 0 || mt_loop_type_init(m) < 0 ||
+        mt_stream_core_type_init(m) < 0 || mt_listener_core_type_init(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -1,0 +1,146 @@
+"""The stream half of mtloop.Loop: asyncio's transport hooks, served by the
+I/O threads.
+
+asyncio.BaseEventLoop already implements create_connection, create_server,
+connect_accepted_socket and sendfile on top of a few hooks
+(_make_socket_transport, _start_serving, _stop_serving, _sendfile_native);
+this mixin provides those hooks with mtloop's transports and listeners, and
+refuses TLS clearly until mtloop supports it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import functools
+import os
+import socket
+from asyncio import constants, exceptions, trsock
+from typing import Any, Callable
+
+from . import _mtloop
+from ._transports import SocketTransport
+from ._unix import reject_ssl
+
+__all__ = ["StreamMethods"]
+
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+def _refusing_tls(name: str) -> Callable[..., Any]:
+    """BaseEventLoop.<name>, failing before any socket work when ssl= asks
+    for TLS."""
+    base = getattr(asyncio.BaseEventLoop, name)
+
+    @functools.wraps(base)
+    async def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        reject_ssl(kwargs.get("ssl"))
+        return await base(self, *args, **kwargs)
+
+    return method
+
+
+class StreamMethods:
+    """Mixin for mtloop.Loop (needs the LoopCore base and BaseEventLoop)."""
+
+    _mt_listeners: dict[int, Any]
+
+    create_connection = _refusing_tls("create_connection")
+    create_server = _refusing_tls("create_server")
+    connect_accepted_socket = _refusing_tls("connect_accepted_socket")
+
+    async def start_tls(self, transport: Any, protocol: Any, sslcontext: Any, *,
+                        server_side: bool = False, server_hostname: str | None = None,
+                        ssl_handshake_timeout: float | None = None,
+                        ssl_shutdown_timeout: float | None = None) -> Any:
+        raise NotImplementedError(
+            "mtloop does not support TLS yet (start_tls); "
+            "it is planned for a later release")
+
+    def _make_ssl_transport(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(
+            "mtloop does not support TLS yet (ssl=...); "
+            "it is planned for a later release")
+
+    def _make_socket_transport(self, sock: socket.socket, protocol: Any, waiter: Any = None,
+                               *, extra: dict | None = None, server: Any = None) -> Any:
+        return SocketTransport(self, sock, protocol, waiter, extra, server)
+
+    # ---- servers ------------------------------------------------------------
+
+    def _start_serving(self, protocol_factory: Callable[[], Any], sock: socket.socket,
+                       sslcontext: Any = None, server: Any = None, backlog: int = 100,
+                       ssl_handshake_timeout: float | None = constants.SSL_HANDSHAKE_TIMEOUT,
+                       ssl_shutdown_timeout: float | None = constants.SSL_SHUTDOWN_TIMEOUT
+                       ) -> None:
+        reject_ssl(sslcontext)
+        fd = sock.fileno()
+        old = self._mt_listeners.pop(fd, None)
+        if old is not None:
+            old.close()
+        family, type_, proto = sock.family, sock.type, sock.proto
+
+        def on_accept(conn_fd: int, addr: Any) -> None:
+            self._mt_accept(protocol_factory, server, family, type_, proto, conn_fd, addr)
+
+        def on_error(err: int) -> None:
+            exc = OSError(err, os.strerror(err))
+            if err in _OUT_OF_RESOURCES:
+                # The I/O thread stops accepting for ACCEPT_RETRY_DELAY.
+                message = "socket.accept() out of system resource"
+            else:
+                message = "Error accepting a connection"
+            self.call_exception_handler({
+                "message": message,
+                "exception": exc,
+                "socket": trsock.TransportSocket(sock),
+            })
+
+        self._mt_listeners[fd] = _mtloop.Listener(self, fd, backlog, on_accept, on_error)
+
+    def _stop_serving(self, sock: socket.socket) -> None:
+        listener = self._mt_listeners.pop(sock.fileno(), None)
+        if listener is not None:
+            listener.close()
+            # The I/O thread accepts on its own dup of the socket, which
+            # lives until the command reaches it.  Shutting the socket down
+            # stops the listening at once for both fds, so a client that
+            # connects after close() is refused, as with the stock loop.
+            try:
+                sock.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
+        sock.close()
+
+    def _mt_accept(self, protocol_factory: Callable[[], Any], server: Any, family: int,
+                   type_: int, proto: int, fd: int, addr: Any) -> None:
+        conn = socket.socket(family, type_, proto, fileno=fd)
+        conn.setblocking(False)
+        protocol = None
+        try:
+            protocol = protocol_factory()
+            self._make_socket_transport(conn, protocol, extra={"peername": addr},
+                                        server=server)
+        except (SystemExit, KeyboardInterrupt):
+            conn.close()
+            raise
+        except BaseException as exc:
+            conn.close()
+            if self.get_debug():
+                context = {
+                    "message": "Error on transport creation for incoming connection",
+                    "exception": exc,
+                }
+                if protocol is not None:
+                    context["protocol"] = protocol
+                self.call_exception_handler(context)
+
+    # ---- sendfile -------------------------------------------------------------
+
+    async def _sendfile_native(self, transp: Any, file: Any, offset: int,
+                               count: int | None) -> int:
+        if not isinstance(transp, SocketTransport):
+            raise exceptions.SendfileNotAvailableError(
+                f"{transp!r} is not an mtloop socket transport")
+        return await transp._mt_sendfile(file, offset, count)
+

@@ -1,0 +1,71 @@
+/* A stream transport's C record: the half an I/O thread owns, plus the few
+ * atomics through which the loop thread and the I/O thread account for
+ * read credit and flushed output.
+ *
+ * Lifetime: reference-counted (mt_io_obj).  The loop half holds one
+ * reference, the owning I/O thread one while attached, every queued
+ * command and completion one.  The fd belongs to the Python socket object;
+ * the I/O thread does every system call on it until it reports CLOSED, and
+ * the loop closes the socket only after that, so the number is never
+ * reused under the I/O thread.  When the transport's Python side is done
+ * first (connection_lost() runs as soon as asyncio would run it), the
+ * socket object is detached and OWN_FD hands the fd to the I/O thread,
+ * which closes it once released. */
+#ifndef MT_STREAM_H
+#define MT_STREAM_H
+
+#include "io_threads/runtime.h"
+
+/* An I/O thread stops reading a stream once this many bytes are delivered
+ * to the loop but not yet consumed by the protocol. */
+#define MT_READ_CREDIT (256 * 1024)
+
+/* Write flow control follows asyncio: the protocol is paused when output
+ * the kernel refused exceeds the high-water mark.  Only the I/O thread
+ * sees the kernel refuse, so the loop asks it (blocked_mark) and pauses on
+ * its BLOCKED completion; it pauses by itself only past this many times the
+ * high-water mark, so a writer that never yields stays bounded. */
+#define MT_WRITE_CAP_FACTOR 16
+#define MT_WRITE_CAP_MIN (4 * 1024 * 1024)
+
+struct event;
+
+typedef struct mt_stream {
+    mt_io_obj obj;
+
+    int fd;                          /* immutable */
+
+    /* Shared. */
+    _Atomic int64_t unconsumed;      /* I/O adds on delivery, loop subtracts on use */
+    _Atomic bool read_starved;       /* I/O stopped reading for credit; loop clears */
+    _Atomic uint64_t flushed;        /* output bytes sent or dropped; I/O writes */
+    _Atomic uint64_t resume_at;      /* loop: report DRAINED once flushed >= this */
+    _Atomic uint64_t blocked_mark;   /* loop: report BLOCKED once the socket is full
+                                        with more than mark-1 bytes waiting; 0 none */
+
+    /* The owning I/O thread only. */
+    struct event *read_ev, *write_ev;
+    mt_cmd *out_head, *out_tail;     /* WRITE commands, in order */
+    uint64_t out_bytes;              /* bytes in them not sent yet */
+    size_t out_off;                  /* bytes of out_head already sent */
+    bool attached, want_read, read_armed, write_armed, starved;
+    bool read_done;                  /* EOF or a read error seen */
+    bool shut_wr_pending, closing, closed, write_failed;
+    bool own_fd;                     /* close fd once released */
+    bool sf_active;                  /* a sendfile is queued or running */
+    int sf_fd;
+    int64_t sf_offset;
+    size_t sf_left, sf_done;
+
+    /* The loop thread only: its Python half (borrowed; cleared when that
+     * goes away). */
+    void *core;
+} mt_stream;
+
+extern const mt_io_ops mt_stream_ops;
+
+/* A new, unattached record (one reference, the caller's), or NULL with
+ * errno set. */
+mt_stream *mt_stream_new(mt_sink *sink, mt_io_thread *io, int fd);
+
+#endif
