@@ -29,10 +29,15 @@ class Loop(_mtloop.LoopCore, SignalMethods, SocketMethods, StreamMethods, UnixSo
 
     def __init__(self, *, io_threads: int | None = None) -> None:
         if io_threads is not None:
-            if not isinstance(io_threads, int) or isinstance(io_threads, bool):
-                raise TypeError(
-                    f"io_threads must be an int or None, not {type(io_threads).__name__}")
-            self._mt_configure_io(io_threads)
+            try:
+                if not isinstance(io_threads, int) or isinstance(io_threads, bool):
+                    raise TypeError("io_threads must be an int or None, not "
+                                    f"{type(io_threads).__name__}")
+                self._mt_configure_io(io_threads)
+            except BaseException:
+                # Half-made: BaseEventLoop.__del__ must find nothing to close.
+                self._closed = True
+                raise
         asyncio.BaseEventLoop.__init__(self)
         self._signal_handlers = {}
         self._mt_signal_socks = None

@@ -18,6 +18,20 @@ _READ, _WRITE = 0, 1
 _RETRY = (BlockingIOError, InterruptedError)
 
 
+def sendfile_source(file: Any) -> tuple[int, int]:
+    """(fileno, size) of a file os.sendfile() can read, or
+    SendfileNotAvailableError so that the caller falls back to read/write."""
+    try:
+        fileno = file.fileno()
+    except (AttributeError, io.UnsupportedOperation) as err:
+        raise exceptions.SendfileNotAvailableError("not a regular file") from err
+    try:
+        fsize = os.fstat(fileno).st_size
+    except OSError as err:
+        raise exceptions.SendfileNotAvailableError("not a regular file") from err
+    return fileno, fsize
+
+
 class SocketMethods:
     """Mixin for mtloop.Loop; relies on the C core's _add_reader/_add_writer."""
 
@@ -161,14 +175,7 @@ class SocketMethods:
 
     async def _sock_sendfile_native(self, sock: socket.socket, file: Any,
                                     offset: int, count: int | None) -> int:
-        try:
-            fileno = file.fileno()
-        except (AttributeError, io.UnsupportedOperation) as err:
-            raise exceptions.SendfileNotAvailableError("not a regular file") from err
-        try:
-            fsize = os.fstat(fileno).st_size
-        except OSError as err:
-            raise exceptions.SendfileNotAvailableError("not a regular file") from err
+        fileno, fsize = sendfile_source(file)
         blocksize = count if count else fsize
         if not blocksize:
             return 0

@@ -142,5 +142,8 @@ class StreamMethods:
         if not isinstance(transp, SocketTransport):
             raise exceptions.SendfileNotAvailableError(
                 f"{transp!r} is not an mtloop socket transport")
+        # The stock loop's native path goes through sock_sendfile(), whose
+        # checks (binary mode, offset, count) come first.
+        self._check_sendfile_params(transp._sock, file, offset, count)
         return await transp._mt_sendfile(file, offset, count)
 

@@ -17,11 +17,12 @@ import os
 import socket
 import sys
 import warnings
-from asyncio import base_events, constants, exceptions, futures, protocols, transports, trsock
+from asyncio import base_events, constants, exceptions, futures, transports, trsock
 from asyncio.log import logger
 from typing import Any
 
 from . import _mtloop
+from ._sock import sendfile_source
 
 __all__ = ["SocketTransport"]
 
@@ -199,6 +200,8 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
         self._schedule_connection_lost(exc)
 
     def _mt_eof(self) -> None:
+        if self._lost_scheduled:
+            return
         if self._loop.get_debug():
             logger.debug("%r received EOF", self)
         try:
@@ -212,10 +215,14 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
             self.close()
 
     def _mt_read_error(self, err: int) -> None:
+        if self._lost_scheduled:
+            return  # in flight when the transport was aborted
         self._fatal_error(OSError(err, os.strerror(err)),
                           "Fatal read error on socket transport")
 
     def _mt_write_error(self, err: int) -> None:
+        if self._lost_scheduled:
+            return  # in flight when the transport was aborted
         self._fatal_error(OSError(err, os.strerror(err)),
                           "Fatal write error on socket transport")
 
@@ -261,14 +268,7 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
     # ---- sendfile on the I/O thread ----------------------------------------
 
     async def _mt_sendfile(self, file: Any, offset: int, count: int | None) -> int:
-        try:
-            fileno = file.fileno()
-        except (AttributeError, OSError) as err:  # io.UnsupportedOperation is an OSError
-            raise exceptions.SendfileNotAvailableError("not a regular file") from err
-        try:
-            fsize = os.fstat(fileno).st_size
-        except OSError as err:
-            raise exceptions.SendfileNotAvailableError("not a regular file") from err
+        fileno, fsize = sendfile_source(file)
         blocksize = count if count else fsize
         if not blocksize or offset >= fsize:
             return 0

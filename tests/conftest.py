@@ -331,3 +331,10 @@ def sockpair():
     yield a, b
     a.close()
     b.close()
+
+
+@pytest.fixture(params=("tcp-client", "tcp-server", "unix-client", "unix-server"))
+def endpoint_kind(request):
+    """Which end of which stream a transport test drives (see tests/netutil.py's
+    Endpoint): the client or server side of a TCP or a Unix connection."""
+    return request.param

@@ -5,19 +5,8 @@ import socket
 
 import pytest
 
+from netutil import HAS_IPV6
 
-def _ipv6_loopback_available():
-    if not socket.has_ipv6:
-        return False
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
-HAS_IPV6 = _ipv6_loopback_available()
 
 
 def _norm(infos):

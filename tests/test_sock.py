@@ -8,6 +8,9 @@ import socket
 
 import pytest
 
+from netutil import recv_exactly
+from netutil import recv_until_eof as recv_all
+
 
 
 @pytest.fixture
@@ -46,25 +49,6 @@ async def tcp_pair(loop, listener, closing):
     closing(conn)
     conn.setblocking(False)
     return client, conn
-
-
-async def recv_exactly(loop, sock, n):
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = await loop.sock_recv(sock, min(n - len(buf), 1 << 20))
-        if not chunk:
-            break
-        buf += chunk
-    return bytes(buf)
-
-
-async def recv_all(loop, sock):
-    buf = bytearray()
-    while True:
-        chunk = await loop.sock_recv(sock, 1 << 20)
-        if not chunk:
-            return bytes(buf)
-        buf += chunk
 
 
 def payload(n):

@@ -18,6 +18,7 @@ struct mt_io_thread {
     mt_mpsc_queue commands;    /* any thread pushes; this thread pops */
     mt_waker waker;            /* shared (atomics) */
     _Atomic bool stopped;      /* set by the stopper before STOP is posted */
+    _Atomic long native_id;    /* the thread's kernel id, set when it starts */
     mt_io_stats stats;         /* written by this thread, read by anyone */
     struct mt_io_thread *retired_next; /* registry, under rt.mu */
 
@@ -197,8 +198,14 @@ static void stat_add(_Atomic uint64_t *counter, uint64_t n)
 
 static void flush_batches(mt_io_thread *io)
 {
-    for (int i = 0; i < io->nbatch; i++)
-        mt_sink_push(io->batch[i].sink, io->batch[i].first, io->batch[i].last);
+    for (int i = 0; i < io->nbatch; i++) {
+        /* Once pushed, the completions (which hold the sink) may be popped
+         * and freed before the wakeup: hold the sink across both. */
+        mt_sink *sink = io->batch[i].sink;
+        mt_sink_incref(sink);
+        mt_sink_push(sink, io->batch[i].first, io->batch[i].last);
+        mt_sink_decref(sink);
+    }
     io->nbatch = 0;
 }
 
@@ -248,8 +255,9 @@ void mt_io_thread_disown(mt_io_thread *io, mt_io_obj *obj)
 
 bool mt_io_thread_post(mt_io_thread *io, mt_cmd *first, mt_cmd *last)
 {
-    /* `stopped` is set, and STOP posted, by a caller holding the GIL, as is
-     * every poster: nothing can be pushed behind STOP. */
+    /* mt_runtime_stop() sets `stopped` and posts STOP while its caller
+     * holds the GIL, as does every poster in the extension: nothing can be
+     * pushed behind STOP.  (Callers without the GIL must not race a stop.) */
     if (mt_io_thread_stopped(io))
         return false;
     mt_mpsc_queue_push_chain(&io->commands, &first->node, &last->node);
@@ -306,6 +314,7 @@ static void on_waker(evutil_socket_t fd, short what, void *arg)
 static void *io_main(void *arg)
 {
     mt_io_thread *io = arg;
+    atomic_store(&io->native_id, (long)gettid());
     while (!io->exiting) {
         run_commands(io);
         flush_batches(io);
@@ -405,6 +414,10 @@ static struct {
 
 static _Atomic unsigned fork_generation;
 
+/* Threads told to stop and not joined yet; under rt.mu. */
+static int stopping_n;
+static mt_io_thread *stopping[MT_IO_THREADS_MAX * 4];
+
 /* In a child after fork() the threads are gone; their memory is forgotten,
  * not freed, since it may have been mid-update when the parent forked. */
 static void forget_after_fork(void)
@@ -412,6 +425,7 @@ static void forget_after_fork(void)
     pthread_mutex_init(&rt.mu, NULL);
     rt.n = 0;
     rt.retired = NULL;
+    stopping_n = 0;
     rt.pid = getpid();
     atomic_fetch_add(&fork_generation, 1);
 }
@@ -453,36 +467,47 @@ int mt_runtime_acquire(int n, mt_io_thread **out)
     return rc;
 }
 
-void mt_runtime_shutdown(void)
+void mt_runtime_stop(void)
 {
     pthread_mutex_lock(&rt.mu);
-    int n = rt.n;
-    mt_io_thread *stopping[MT_IO_THREADS_MAX];
-    for (int i = 0; i < n; i++) {
-        mt_io_thread *io = stopping[i] = rt.threads[i];
+    for (int i = 0; i < rt.n; i++) {
+        mt_io_thread *io = rt.threads[i];
         mt_cmd *stop = mt_cmd_new(MT_CMD_STOP, NULL, 0);
-        if (stop == NULL) {
-            /* Too little memory for 64 bytes: flag it and let the waker
-             * (ignored) be; the thread is left running. */
-            stopping[i] = NULL;
+        if (stop == NULL || stopping_n == (int)(sizeof(stopping) / sizeof(*stopping))) {
+            /* Out of memory: this thread is left running. */
+            free(stop);
             continue;
         }
-        atomic_store_explicit(&io->stopped, true, memory_order_release);
+        atomic_store_explicit(&io->stopped, true, memory_order_seq_cst);
         mt_mpsc_queue_push(&io->commands, &stop->node);
         mt_waker_notify(&io->waker);
+        stopping[stopping_n++] = io;
     }
     rt.n = 0;
     pthread_mutex_unlock(&rt.mu);
-    for (int i = 0; i < n; i++) {
-        if (stopping[i] == NULL)
-            continue;
-        pthread_join(stopping[i]->thread, NULL);
-        mt_waker_close(&stopping[i]->waker);
+}
+
+void mt_runtime_join(void)
+{
+    for (;;) {
         pthread_mutex_lock(&rt.mu);
-        stopping[i]->retired_next = rt.retired;
-        rt.retired = stopping[i];
+        mt_io_thread *io = stopping_n > 0 ? stopping[--stopping_n] : NULL;
+        pthread_mutex_unlock(&rt.mu);
+        if (io == NULL)
+            return;
+        pthread_join(io->thread, NULL);
+        mt_waker_close(&io->waker);
+        pthread_mutex_lock(&rt.mu);
+        io->retired_next = rt.retired;
+        rt.retired = io;
         pthread_mutex_unlock(&rt.mu);
     }
+}
+
+void mt_runtime_shutdown(void)
+{
+    mt_runtime_stop();
+    mt_runtime_join();
 }
 
 int mt_runtime_size(void)
@@ -507,6 +532,7 @@ bool mt_runtime_snapshot(int i, mt_io_snapshot *out)
         out->completions = atomic_load(&io->stats.completions);
         out->wakeups_sent = atomic_load(&io->waker.wakeups_sent);
         out->wakeups_received = atomic_load(&io->waker.wakeups_received);
+        out->native_id = atomic_load(&io->native_id);
     }
     pthread_mutex_unlock(&rt.mu);
     return io != NULL;

@@ -117,7 +117,9 @@ typedef enum {
     MT_DONE_DRAINED,        /* flushed output passed the loop's mark */
     MT_DONE_BLOCKED,        /* the socket refused output the loop asked about */
     MT_DONE_SENDFILE,       /* len bytes sent; err 0 or the error */
-    MT_DONE_CLOSED,         /* the I/O thread let go of the fd; last one */
+    MT_DONE_CLOSED,         /* the I/O thread let go of the fd; the last one,
+                               except the SENDFILE answering a command that
+                               arrived after it (ECONNABORTED) */
     MT_DONE_ACCEPT,         /* fd, addr */
     MT_DONE_ACCEPT_ERROR,   /* err */
 } mt_done_kind;
@@ -190,13 +192,20 @@ typedef struct mt_io_stats {
 typedef struct mt_io_snapshot {
     uint64_t transports, listeners, bytes_read, bytes_written, accepts, commands,
         completions, wakeups_sent, wakeups_received;
+    long native_id;
 } mt_io_snapshot;
 
 /* Makes sure at least `n` threads run (starting the pool if needed) and
  * stores the first `n` in `out`.  Returns 0, or -1 with errno set. */
 int mt_runtime_acquire(int n, mt_io_thread **out);
-/* Stops and joins every thread; their transports are aborted.  Blocks:
- * call without the GIL. */
+/* Tells every thread to stop (their transports are aborted) and marks
+ * them stopped, so that posts fail from now on.  Does not block: the
+ * extension calls it with the GIL held, which orders it against every
+ * post. */
+void mt_runtime_stop(void);
+/* Joins the threads stopped so far.  Blocks: call without the GIL. */
+void mt_runtime_join(void);
+/* mt_runtime_stop() then mt_runtime_join(), for callers without a GIL. */
 void mt_runtime_shutdown(void);
 /* Number of threads running now. */
 int mt_runtime_size(void);

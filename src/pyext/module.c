@@ -66,6 +66,7 @@ static PyObject *runtime_stats(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(a))
             put_u64(d, "completions", snap.completions) < 0 ||
             put_u64(d, "wakeups_sent", snap.wakeups_sent) < 0 ||
             put_u64(d, "wakeups_received", snap.wakeups_received) < 0 ||
+            put_u64(d, "native_id", (uint64_t)snap.native_id) < 0 ||
             PyList_Append(list, d) < 0) {
             Py_XDECREF(d);
             Py_CLEAR(list);
@@ -78,8 +79,9 @@ static PyObject *runtime_stats(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(a))
 
 static PyObject *shutdown_runtime(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(a))
 {
+    mt_runtime_stop(); /* under the GIL: no loop can post behind STOP */
     Py_BEGIN_ALLOW_THREADS
-    mt_runtime_shutdown();
+    mt_runtime_join();
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }

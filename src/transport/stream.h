@@ -52,7 +52,8 @@ typedef struct mt_stream {
     bool read_done;                  /* EOF or a read error seen */
     bool shut_wr_pending, closing, closed, write_failed;
     bool own_fd;                     /* close fd once released */
-    bool sf_active;                  /* a sendfile is queued or running */
+    bool sf_active;                  /* a sendfile is queued or running; the
+                                        loop sends no WRITE until it ends */
     int sf_fd;
     int64_t sf_offset;
     size_t sf_left, sf_done;

@@ -89,7 +89,9 @@ static uint64_t write_buffer_size(mt_stream_core *self)
 {
     if (self->closed || self->stream == NULL)
         return 0;
-    uint64_t flushed = atomic_load_explicit(&self->stream->flushed, memory_order_acquire);
+    uint64_t flushed = self->protocol_paused
+                           ? self->flushed_seen
+                           : atomic_load_explicit(&self->stream->flushed, memory_order_acquire);
     return self->queued > flushed ? self->queued - flushed : 0;
 }
 
@@ -459,7 +461,7 @@ static PyObject *core_abort(mt_stream_core *self, PyObject *Py_UNUSED(a))
     if (!self->closed) {
         /* The output is gone from this side's point of view at once. */
         if (self->stream != NULL)
-            self->queued = atomic_load(&self->stream->flushed);
+            self->queued = self->flushed_seen = atomic_load(&self->stream->flushed);
         post(self, MT_CMD_STREAM_ABORT);
     }
     Py_RETURN_NONE;
@@ -545,8 +547,9 @@ static void unlink_live(mt_stream_core *self)
 
 static int on_drained(mt_stream_core *self)
 {
-    if (!self->protocol_paused)
+    if (!self->protocol_paused || self->conn_lost)
         return 0;
+    self->flushed_seen = atomic_load_explicit(&self->stream->flushed, memory_order_acquire);
     if (write_buffer_size(self) > (uint64_t)self->low_water) {
         arm_resume(self);
         return 0;
@@ -756,9 +759,13 @@ static int set_paused_flag(mt_stream_core *self, PyObject *v, void *Py_UNUSED(c)
     int b = v ? PyObject_IsTrue(v) : 0;
     if (b < 0)
         return -1;
-    self->protocol_paused = b;
-    if (self->stream == NULL)
+    if (self->stream == NULL) {
+        self->protocol_paused = b;
         return 0;
+    }
+    if (b && !self->protocol_paused)
+        self->flushed_seen = atomic_load_explicit(&self->stream->flushed, memory_order_acquire);
+    self->protocol_paused = b;
     if (b)
         arm_resume(self); /* DRAINED tells when to look at the buffer again */
     else

@@ -31,6 +31,10 @@ struct mt_stream_core {
     int conn_lost;
     Py_ssize_t high_water, low_water;
     uint64_t queued;            /* bytes handed to WRITE commands */
+    uint64_t flushed_seen;      /* the stream's `flushed` as of the last
+                                   pause or DRAINED: the size reported while
+                                   paused, so it drops to the low mark in the
+                                   same step as resume_writing() */
 
     /* Read completions held back while reading is paused. */
     mt_done *deferred_head, *deferred_tail;

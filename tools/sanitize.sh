@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Builds the extension with a sanitizer and runs the pytest suite's mtloop
+# tests against it:
+#   tools/sanitize.sh address [pytest args...]   # AddressSanitizer + UBSan
+#   tools/sanitize.sh thread  [pytest args...]   # ThreadSanitizer
+# CPython itself is not instrumented, so the sanitizer runtime is preloaded.
+# Any sanitizer report fails the run (halt_on_error / exitcode).  The venv
+# lives in build/venv-<kind>, the build in build/<kind>-ext.
+set -euo pipefail
+. "$(dirname "$0")/env.sh"
+cd "$MT_ROOT"
+
+kind=${1:-}
+case "$kind" in
+  address) preload="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)" ;;
+  thread) preload="$(gcc -print-file-name=libtsan.so)" ;;
+  *) echo "usage: $0 address|thread [pytest args...]" >&2; exit 2 ;;
+esac
+shift
+
+mt_setup_system
+py=$(mt_pythons | sed -n 1p)
+[ -n "$py" ] || { mt_log "no supported Python (3.11-3.13) found"; exit 1; }
+venv="$MT_ROOT/build/venv-$kind"
+if [ ! -x "$venv/bin/python" ]; then
+  "$py" -m venv "$venv" >&2
+  "$venv/bin/python" -m pip install -q --upgrade pip >&2
+  "$venv/bin/python" -m pip install -q $MT_PY_PACKAGES >&2
+fi
+mt_log "building mtloop with MTLOOP_SANITIZE=$kind"
+"$venv/bin/python" -m pip install -q --no-build-isolation . \
+  -Ccmake.define.MTLOOP_SANITIZE="$kind" -Cbuild-dir="build/$kind-ext" >&2
+
+# Leak checking is off: CPython's own allocations at exit would drown it.
+export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=1"
+export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
+export TSAN_OPTIONS="halt_on_error=1:exitcode=66:second_deadlock_stack=1"
+mt_log "pytest (mtloop tests) under $kind sanitizer"
+LD_PRELOAD="$preload" "$venv/bin/pytest" -p no:cacheprovider -q \
+  -k "mtloop or test_runtime" --deselect tests/test_cpython_suites.py "$@"
