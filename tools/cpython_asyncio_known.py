@@ -53,6 +53,22 @@ KNOWN: dict[str, str] = {
     "test_events.EventLoopTests.test_timeout_rounding":
         "builds its assertion message from loop._selector, the stock selector "
         "loop's private selector object, which mtloop (a libevent base) has not",
+    # -- timing of a flushing close() ------------------------------------------
+    # The handler does write(b'1'); close(); the test then asserts, right after
+    # run_until_complete() returns, that the connection is already detached
+    # from the server.  The stock loop sends the byte inside write(), so close()
+    # finds an empty buffer and connection_lost() follows on the next
+    # iteration; mtloop's I/O thread flushes the byte first, and
+    # connection_lost() comes once it reports the socket released, a
+    # cross-thread round trip later, racing the end of run_until_complete().
+    "test_server.StartServerTests.test_start_server_1":
+        "asserts connection_lost() ran within the iterations after write()+close(); "
+        "mtloop flushes on an I/O thread first (a round trip later), which races "
+        "the end of run_until_complete()",
+    "test_server.StartServerTests.test_start_unix_server_1":
+        "asserts connection_lost() ran within the iterations after write()+close(); "
+        "mtloop flushes on an I/O thread first (a round trip later), which races "
+        "the end of run_until_complete()",
     # -- not in #3: subprocesses, pipes and datagrams are later issues -------
     "test_events.UnixEventLoopTests.test_subprocess_close_after_finish":
         "subprocess transports are not in mtloop yet (a later issue; #3 is TCP and Unix streams)",

@@ -8,8 +8,10 @@
  * handling, executors, address resolution) on top.
  *
  * Ownership: everything here belongs to the loop thread and is touched with
- * the GIL held, except `threadsafe` (MPSC: any thread pushes), `waker`
- * (atomics) and `owner_thread`/`running` (atomics read by any thread). */
+ * the GIL held, except `threadsafe` (MPSC: any thread pushes), `sink`
+ * (reference-counted; I/O threads push completions and write its waker)
+ * and `owner_thread`/`running` (atomics read by any thread).  `io[]` are
+ * shared pool threads, reached only through their command queues. */
 #ifndef MT_LOOP_H
 #define MT_LOOP_H
 
