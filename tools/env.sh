@@ -8,7 +8,7 @@
 
 MT_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 MT_SUPPORTED="3.11 3.12 3.13"
-MT_PY_PACKAGES="scikit-build-core>=0.8 cmake>=3.18 ninja pytest>=7 uvloop>=0.19"
+MT_PY_PACKAGES="scikit-build-core>=0.8 cmake>=3.18 ninja pytest>=7 uvloop>=0.19 matplotlib"
 
 mt_log() { printf '[mtloop] %s\n' "$*" >&2; }
 
@@ -57,10 +57,13 @@ mt_venv() {
     mt_log "creating $venv"
     "$py" -m venv "$venv" >&2
   fi
-  if ! "$venv/bin/python" -c 'import scikit_build_core, pytest, uvloop, ninja, cmake' >/dev/null 2>&1; then
+  if ! "$venv/bin/python" -c 'import scikit_build_core, pytest, uvloop, ninja, cmake, matplotlib' >/dev/null 2>&1; then
     mt_log "installing Python packages into $venv"
     "$venv/bin/python" -m pip install -q --upgrade pip >&2
     "$venv/bin/python" -m pip install -q $MT_PY_PACKAGES >&2
+    # rloop is a benchmark reference only: used when it installs.
+    "$venv/bin/python" -m pip install -q rloop >&2 ||
+      mt_log "rloop did not install for Python $ver; the benchmark leaves it out"
   fi
   mt_log "building mtloop for Python $ver"
   (cd "$MT_ROOT" && "$venv/bin/python" -m pip install -q --no-build-isolation . >&2) || return 1

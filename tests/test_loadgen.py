@@ -1,0 +1,343 @@
+"""tools/loadgen.c (mtloop-loadgen): built with CMake, run against small
+threaded Python echo servers (TCP and Unix socket), a corrupting one and a
+closing one.  Not parametrized over event loops: the servers here are plain
+threads, the subject is the C load generator itself."""
+
+import json
+import os
+import shutil
+import socket
+import socketserver
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+RUN_TIMEOUT = 30
+
+
+def _tool(name):
+    """`name` on PATH, looking first next to this interpreter (the venvs
+    carry cmake and ninja)."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return shutil.which(name, path=path)
+
+
+@pytest.fixture(scope="session")
+def loadgen(tmp_path_factory):
+    """Path of mtloop-loadgen, built once per session in a temporary tree."""
+    cmake = _tool("cmake")
+    if cmake is None:
+        pytest.fail("cmake not found on PATH nor next to %s" % sys.executable)
+    build = tmp_path_factory.mktemp("loadgen-build")
+    configure = [cmake, "-S", str(REPO), "-B", str(build),
+                 "-DMTLOOP_BUILD_TOOLS=ON", "-DCMAKE_BUILD_TYPE=RelWithDebInfo"]
+    ninja = _tool("ninja")
+    if ninja is not None:
+        configure += ["-G", "Ninja", "-DCMAKE_MAKE_PROGRAM=" + ninja]
+    for cmd in (configure,
+                [cmake, "--build", str(build), "--target", "mtloop-loadgen"]):
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, timeout=300)
+        if proc.returncode != 0:
+            pytest.fail("building mtloop-loadgen failed: %s\n%s" % (cmd, proc.stdout))
+    exe = build / "tools" / "mtloop-loadgen"
+    assert exe.is_file(), exe
+    return exe
+
+
+def run_loadgen(exe, *args):
+    return subprocess.run([str(exe), *map(str, args)], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, timeout=RUN_TIMEOUT)
+
+
+def run_json(exe, *args):
+    proc = run_loadgen(exe, "--json", *args)
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1, (proc.stdout, proc.stderr)
+    return proc, json.loads(lines[0])
+
+
+# --------------------------------------------------------------------------
+# Servers
+
+
+class EchoHandler(socketserver.BaseRequestHandler):
+    """Echoes everything; `transform(data, offset)` may alter each chunk
+    (offset: bytes of this connection's stream before it); a `close_after`
+    on the server closes the connection once that many bytes were echoed."""
+
+    def handle(self):
+        sock = self.request
+        transform = getattr(self.server, "transform", None)
+        close_after = getattr(self.server, "close_after", None)
+        offset = 0
+        try:
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    return
+                if close_after is not None and offset + len(data) >= close_after:
+                    sock.sendall(data[: close_after - offset])
+                    return
+                if transform is not None:
+                    data = transform(data, offset)
+                sock.sendall(data)
+                offset += len(data)
+        except OSError:
+            pass
+
+
+class TCPServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+
+class UnixServer(socketserver.ThreadingUnixStreamServer):
+    daemon_threads = True
+    request_queue_size = 128
+
+
+def _serve(server):
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    return thread
+
+
+def _stop(server, thread):
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+@pytest.fixture
+def tcp_server():
+    """A factory: tcp_server(**attrs) -> port of a threaded echo server."""
+    started = []
+
+    def start(**attrs):
+        server = TCPServer(("127.0.0.1", 0), EchoHandler)
+        for k, v in attrs.items():
+            setattr(server, k, v)
+        started.append((server, _serve(server)))
+        return server.server_address[1]
+
+    yield start
+    for server, thread in started:
+        _stop(server, thread)
+
+
+@pytest.fixture
+def unix_server():
+    """Path of a threaded Unix-socket echo server."""
+    with tempfile.TemporaryDirectory(prefix="mtlg") as d:   # short path for sun_path
+        path = os.path.join(d, "echo.sock")
+        server = UnixServer(path, EchoHandler)
+        thread = _serve(server)
+        try:
+            yield path
+        finally:
+            _stop(server, thread)
+
+
+def check_ok(proc, res, connections, size, pipeline):
+    assert proc.returncode == 0, (proc.stdout, proc.stderr)
+    assert res["errors"] == 0, proc.stderr
+    assert res["requests"] > 0
+    assert res["connections"] == connections
+    assert res["size"] == size
+    assert res["pipeline"] == pipeline
+    assert res["seconds"] > 0
+    assert res["rps"] > 0 and res["mib_s"] > 0
+    assert res["mib_s"] == pytest.approx(res["rps"] * size / 2**20, rel=1e-3)
+    assert 0 < res["p50_us"] <= res["p90_us"] <= res["p99_us"] <= res["p999_us"] <= res["max_us"]
+    assert 0 < res["mean_us"] <= res["max_us"]
+
+
+EXPECTED_KEYS = {"requests", "seconds", "rps", "mib_s", "errors", "connections", "size",
+                 "pipeline", "p50_us", "p90_us", "p99_us", "p999_us", "max_us", "mean_us"}
+
+
+# --------------------------------------------------------------------------
+# Tests
+
+
+def test_tcp_duration(loadgen, tcp_server):
+    port = tcp_server()
+    proc, res = run_json(loadgen, "--port", port, "-c", 4, "-s", 1024, "-d", 0.5)
+    assert set(res) == EXPECTED_KEYS
+    check_ok(proc, res, 4, 1024, 1)
+    assert res["seconds"] == pytest.approx(0.5, abs=0.05)
+
+
+def test_tcp_requests_exact(loadgen, tcp_server):
+    port = tcp_server()
+    proc, res = run_json(loadgen, "--port", port, "-c", 3, "-s", 100, "-p", 2, "-n", 500)
+    check_ok(proc, res, 3, 100, 2)
+    assert res["requests"] == 500
+
+
+def test_warmup_not_counted(loadgen, tcp_server):
+    port = tcp_server()
+    proc, res = run_json(loadgen, "--port", port, "-c", 2, "-n", 300, "--warmup", 0.2)
+    check_ok(proc, res, 2, 1024, 1)
+    assert res["requests"] == 300
+    proc, res = run_json(loadgen, "--port", port, "-c", 2, "-d", 0.3, "--warmup", 0.2)
+    check_ok(proc, res, 2, 1024, 1)
+    assert res["seconds"] == pytest.approx(0.3, abs=0.05)
+
+
+def test_large_messages_pipelined(loadgen, tcp_server):
+    port = tcp_server()
+    size = 300 * 1024
+    proc, res = run_json(loadgen, "--port", port, "-c", 3, "-s", size, "-p", 4, "-n", 40)
+    check_ok(proc, res, 3, size, 4)
+    assert res["requests"] == 40
+
+
+def test_tiny_messages_deep_pipeline(loadgen, tcp_server):
+    # Many messages merge into one segment and split across reads.
+    port = tcp_server()
+    proc, res = run_json(loadgen, "--port", port, "-c", 2, "-s", 3, "-p", 64, "-d", 0.3)
+    check_ok(proc, res, 2, 3, 64)
+
+
+def test_unix_socket(loadgen, unix_server):
+    proc, res = run_json(loadgen, "--unix", unix_server, "-c", 4, "-s", 4096, "-p", 2,
+                         "-d", 0.4)
+    check_ok(proc, res, 4, 4096, 2)
+
+
+def test_unix_socket_large(loadgen, unix_server):
+    proc, res = run_json(loadgen, "--unix", unix_server, "-c", 2, "-s", 200_000, "-p", 3,
+                         "-n", 30)
+    check_ok(proc, res, 2, 200_000, 3)
+    assert res["requests"] == 30
+
+
+def test_human_output(loadgen, tcp_server):
+    port = tcp_server()
+    proc = run_loadgen(loadgen, "--port", port, "-c", 2, "-n", 50)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    for word in ("requests", "req/s", "MiB/s", "errors", "connections", "p99.9", "max"):
+        assert word in out, out
+
+
+def test_cpu_pinning(loadgen, tcp_server):
+    port = tcp_server()
+    cpu = min(os.sched_getaffinity(0))
+    proc, res = run_json(loadgen, "--port", port, "-c", 1, "-n", 20, "--cpu", cpu)
+    check_ok(proc, res, 1, 1024, 1)
+
+
+def test_corrupting_server_detected(loadgen, tcp_server):
+    def flip(data, offset):
+        # Flip one byte at stream offset 5000 of every connection.
+        i = 5000 - offset
+        if 0 <= i < len(data):
+            data = bytearray(data)
+            data[i] ^= 0x01
+            data = bytes(data)
+        return data
+
+    port = tcp_server(transform=flip)
+    proc, res = run_json(loadgen, "--port", port, "-c", 3, "-s", 1024, "-d", 2)
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert res["errors"] == 3          # one per connection, each then closed
+    assert res["requests"] == 3 * 4    # 4 whole messages precede offset 5000
+    assert res["seconds"] < 1.5        # stops once every connection is gone
+    assert "mismatch" in proc.stderr
+
+
+class SwapFirstTwoHandler(socketserver.BaseRequestHandler):
+    """Holds back the first 2 * server.msg_size bytes, echoes those two
+    messages in swapped order, then echoes normally: every byte comes back,
+    not in order."""
+
+    def handle(self):
+        sock = self.request
+        n = self.server.msg_size
+        buf = b""
+        try:
+            while len(buf) < 2 * n:
+                data = sock.recv(65536)
+                if not data:
+                    return
+                buf += data
+            sock.sendall(buf[n:2 * n] + buf[:n] + buf[2 * n:])
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    return
+                sock.sendall(data)
+        except OSError:
+            pass
+
+
+def test_reordering_detected(loadgen):
+    server = TCPServer(("127.0.0.1", 0), SwapFirstTwoHandler)
+    server.msg_size = 100
+    thread = _serve(server)
+    try:
+        proc, res = run_json(loadgen, "--port", server.server_address[1],
+                             "-c", 2, "-s", 100, "-p", 2, "-d", 2)
+    finally:
+        _stop(server, thread)
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert res["errors"] == 2
+    assert res["requests"] == 0
+    assert "mismatch in message 0" in proc.stderr
+
+
+def test_server_closing_counts_as_error(loadgen, tcp_server):
+    port = tcp_server(close_after=2500)
+    proc, res = run_json(loadgen, "--port", port, "-c", 2, "-s", 1000, "-d", 2)
+    assert proc.returncode == 1
+    assert res["errors"] == 2
+    assert res["requests"] == 4
+    assert "closed" in proc.stderr
+
+
+def test_connection_refused(loadgen):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]     # bound, not listening: refused
+        proc, res = run_json(loadgen, "--port", port, "-c", 2, "-d", 0.2)
+    assert proc.returncode == 1
+    assert res["errors"] == 2
+    assert res["requests"] == 0
+    assert res["connections"] == 0
+
+
+@pytest.mark.parametrize("args", [
+    [],                                         # no --port nor --unix
+    ["--port", "0"],
+    ["--port", "70000"],
+    ["--port", "1", "-c", "0"],
+    ["--port", "1", "-s", "0"],
+    ["--port", "1", "-s", "12x"],
+    ["--port", "1", "-d", "-1"],
+    ["--port", "1", "-d", "abc"],
+    ["--port", "1", "-p", "0"],
+    ["--port", "1", "--warmup", "nan"],
+    ["--port", "1", "--bogus"],
+    ["--port", "1", "extra"],
+    ["--port", "1", "--unix", "/tmp/x.sock"],
+], ids=lambda a: " ".join(a) or "no-args")
+def test_bad_usage(loadgen, args):
+    proc = run_loadgen(loadgen, *args)
+    assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
+    assert proc.stderr
+
+
+def test_help(loadgen):
+    proc = run_loadgen(loadgen, "--help")
+    assert proc.returncode == 0
+    assert "--pipeline" in proc.stdout

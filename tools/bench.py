@@ -1,0 +1,345 @@
+"""Side-by-side benchmark of mtloop against asyncio, uvloop (and rloop).
+
+    python tools/bench.py                 # the quick set, about a minute and a half
+    python tools/bench.py --full          # the whole matrix (many minutes)
+    python tools/bench.py --smoke         # seconds: checks that it all runs
+
+For each scenario, each loop's echo server (tools/bench_server.py, one
+process per run) is driven by the C load generator (tools/loadgen.c,
+pinned to the last CPU).  Runs are interleaved across loops and repeated;
+the report gives medians, ratios against uvloop and asyncio, the server's
+CPU per request split into its loop thread and its other threads (mtloop's
+I/O threads) from /proc/PID/task, and its peak RSS.  It writes JSON
+(--json, default build/bench/results.json) and, when matplotlib is
+importable, a PNG chart next to it.  Progress goes to stderr.
+
+Benchmarks are measurements, not tests: nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import platform
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVER = ROOT / "tools" / "bench_server.py"
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+    name: str
+    mode: str = "protocol"
+    size: int = 1024
+    connections: int = 32
+    pipeline: int = 1
+    work_us: float = 0.0
+    idle: bool = False
+
+
+QUICK = [
+    Scenario("protocol 1KiB x32"),
+    Scenario("streams 1KiB x32", mode="streams"),
+    Scenario("heavy 64KiB x16 (50us/req)", size=64 * 1024, connections=16, work_us=50),
+]
+FULL = (
+    [Scenario(f"{mode} {label} x{c}", mode=mode, size=size, connections=c)
+     for mode in ("protocol", "buffered", "streams", "sock")
+     for size, label in ((1024, "1KiB"), (10 * 1024, "10KiB"), (100 * 1024, "100KiB"))
+     for c in (1, 32, 1000)]
+    + [Scenario("ping-pong 1KiB x1", connections=1),
+       Scenario("heavy 64KiB x16 (50us/req)", size=64 * 1024, connections=16, work_us=50),
+       Scenario("idle x10000", connections=10000, idle=True)]
+)
+SMOKE = [Scenario("protocol 1KiB x4", connections=4),
+         Scenario("idle x50", connections=50, idle=True)]
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def available_loops(wanted: list[str]) -> list[str]:
+    out = []
+    for name in wanted:
+        if name == "asyncio" or importlib.util.find_spec(name) is not None:
+            out.append(name)
+        else:
+            log(f"bench: {name} is not importable; left out")
+    return out
+
+
+def build_loadgen() -> Path:
+    """Builds tools/loadgen.c with CMake (once) and returns the binary."""
+    build = ROOT / "build" / "bench-loadgen"
+    binary = build / "tools" / "mtloop-loadgen"
+    bindir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    cmake = shutil.which("cmake", path=env["PATH"]) or "cmake"
+    gen = (["-G", "Ninja"] if shutil.which("ninja", path=env["PATH"])
+           and not (build / "CMakeCache.txt").exists() else [])
+    subprocess.run([cmake, "-S", str(ROOT), "-B", str(build), *gen,
+                    "-DMTLOOP_BUILD_TOOLS=ON", "-DCMAKE_BUILD_TYPE=Release"],
+                   check=True, env=env, stdout=subprocess.DEVNULL)
+    subprocess.run([cmake, "--build", str(build), "--target", "mtloop-loadgen"],
+                   check=True, env=env, stdout=subprocess.DEVNULL)
+    return binary
+
+
+# ---- the server process ------------------------------------------------------
+
+def thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds (user+system) of each thread of `pid`."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the thread ended meanwhile
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) / TICK
+    return out
+
+
+def status_kib(pid: int, key: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+class Server:
+    def __init__(self, loop: str, sc: Scenario) -> None:
+        cmd = [sys.executable, str(SERVER), "--loop", loop, "--mode", sc.mode,
+               "--size", str(sc.size), "--work-us", str(sc.work_us)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()  # type: ignore[union-attr]
+        if not line.startswith("READY"):
+            self.proc.kill()
+            raise RuntimeError(f"{loop} server did not start: {line!r}")
+        self.port = int(line.split()[1])
+        self.pid = self.proc.pid
+
+    def cpu(self) -> tuple[float, float]:
+        """(loop thread, other threads) CPU seconds so far."""
+        per = thread_cpu(self.pid)
+        main = per.pop(self.pid, 0.0)
+        return main, sum(per.values())
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+# ---- one run ---------------------------------------------------------------------
+
+def loadgen(binary: Path, port: int, sc: Scenario, seconds: float, cpu: int | None) -> dict:
+    cmd = [str(binary), "--port", str(port), "-c", str(sc.connections), "-s", str(sc.size),
+           "-p", str(sc.pipeline), "-d", str(seconds), "--json"]
+    if cpu is not None:
+        cmd += ["--cpu", str(cpu)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    try:
+        return json.loads(proc.stdout)
+    except ValueError:
+        raise RuntimeError(f"loadgen failed ({proc.returncode}): {proc.stderr.strip()}")
+
+
+def run_echo(binary: Path, loop: str, sc: Scenario, seconds: float, cpu: int | None) -> dict:
+    server = Server(loop, sc)
+    try:
+        loadgen(binary, server.port, sc, min(0.3, seconds / 3), cpu)  # warm-up
+        m0, o0 = server.cpu()
+        t0 = time.monotonic()
+        r = loadgen(binary, server.port, sc, seconds, cpu)
+        wall = time.monotonic() - t0
+        m1, o1 = server.cpu()
+        peak = status_kib(server.pid, "VmHWM")
+    finally:
+        server.stop()
+    n = max(r["requests"], 1)
+    return {**r, "loop_cpu_us_per_req": (m1 - m0) / n * 1e6,
+            "other_cpu_us_per_req": (o1 - o0) / n * 1e6,
+            "cpu_us_per_req": (m1 - m0 + o1 - o0) / n * 1e6,
+            "server_cpu_share": (m1 - m0 + o1 - o0) / wall, "peak_rss_mib": peak / 1024}
+
+
+def run_idle(loop: str, sc: Scenario, seconds: float) -> dict:
+    server = Server(loop, sc)
+    socks: list[socket.socket] = []
+    try:
+        time.sleep(0.2)
+        base = status_kib(server.pid, "VmRSS")
+        for _ in range(sc.connections):
+            s = socket.socket()
+            s.connect(("127.0.0.1", server.port))
+            socks.append(s)
+        time.sleep(1.0)  # let the server accept and settle
+        rss = status_kib(server.pid, "VmRSS")
+        m0, o0 = server.cpu()
+        time.sleep(seconds)
+        m1, o1 = server.cpu()
+    finally:
+        for s in socks:
+            s.close()
+        server.stop()
+    return {"connections": sc.connections, "errors": 0,
+            "rss_per_conn_kib": (rss - base) / sc.connections,
+            "idle_cpu_pct": (m1 - m0 + o1 - o0) / seconds * 100}
+
+
+# ---- the report ----------------------------------------------------------------
+
+ECHO_KEYS = ("rps", "p50_us", "p99_us", "loop_cpu_us_per_req", "cpu_us_per_req", "peak_rss_mib")
+IDLE_KEYS = ("rss_per_conn_kib", "idle_cpu_pct")
+
+
+def medians(runs: list[dict], keys: tuple[str, ...]) -> dict[str, float]:
+    return {k: statistics.median(r[k] for r in runs) for k in keys if all(k in r for r in runs)}
+
+
+def ratio(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
+def report(results: dict[str, dict[str, dict]], loops: list[str]) -> str:
+    lines = []
+    for name, per_loop in results.items():
+        idle = "rss_per_conn_kib" in next(iter(per_loop.values()))["median"]
+        keys = IDLE_KEYS if idle else ECHO_KEYS
+        lines.append(f"\n{name}")
+        head = f"  {'loop':8}" + "".join(f"{k:>22}" for k in keys)
+        if not idle:
+            head += f"{'rps/uvloop':>12}{'rps/asyncio':>12}{'p99/uvloop':>12}"
+        lines.append(head)
+        for loop in loops:
+            if loop not in per_loop:
+                continue
+            med = per_loop[loop]["median"]
+            row = f"  {loop:8}" + "".join(f"{med.get(k, float('nan')):>22.2f}" for k in keys)
+            if not idle:
+                for base, key in (("uvloop", "rps"), ("asyncio", "rps"), ("uvloop", "p99_us")):
+                    other = per_loop.get(base, {}).get("median", {}).get(key)
+                    r = ratio(med[key], other) if other else None
+                    row += f"{r:>12.2f}" if r is not None else f"{'-':>12}"
+            lines.append(row)
+    return "\n".join(lines)
+
+
+def chart(results: dict[str, dict[str, dict]], loops: list[str], path: Path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    echo = {n: r for n, r in results.items()
+            if "rps" in next(iter(r.values()))["median"] and "uvloop" in r}
+    if not echo:
+        return False
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(echo) * len(loops) / 2), 4))
+    width = 0.8 / len(loops)
+    for i, loop in enumerate(loops):
+        vals = [echo[n][loop]["median"]["rps"] / echo[n]["uvloop"]["median"]["rps"]
+                if loop in echo[n] else 0 for n in echo]
+        ax.bar([j + i * width for j in range(len(echo))], vals, width, label=loop)
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xticks([j + width * (len(loops) - 1) / 2 for j in range(len(echo))])
+    ax.set_xticklabels(list(echo), rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("requests/s relative to uvloop")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def raise_fd_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--full", action="store_true", help="the whole matrix")
+    group.add_argument("--smoke", action="store_true", help="a few seconds, to see it runs")
+    parser.add_argument("--loops", default="asyncio,uvloop,rloop,mtloop")
+    parser.add_argument("--repeat", type=int, default=None, help="runs per loop (default 5)")
+    parser.add_argument("--seconds", type=float, default=None, help="seconds per run")
+    parser.add_argument("-k", dest="pattern", default=None, help="only scenarios containing this")
+    parser.add_argument("--json", type=Path, default=ROOT / "build" / "bench" / "results.json")
+    args = parser.parse_args()
+
+    scenarios = FULL if args.full else SMOKE if args.smoke else QUICK
+    if args.pattern:
+        scenarios = [s for s in scenarios if args.pattern in s.name]
+    repeat = args.repeat or (1 if args.smoke else 5)
+    seconds = args.seconds or (0.5 if args.smoke else 1.0 if not args.full else 2.0)
+    loops = available_loops(args.loops.split(","))
+    raise_fd_limit()
+    binary = build_loadgen()
+    ncpu = os.cpu_count() or 1
+    client_cpu = ncpu - 1 if ncpu > 1 else None
+
+    results: dict[str, dict[str, dict]] = {}
+    total = len(scenarios) * repeat * len(loops)
+    done = 0
+    for sc in scenarios:
+        runs: dict[str, list[dict]] = {loop: [] for loop in loops}
+        for rep in range(repeat):
+            # Interleaved, and rotated so no loop always runs first.
+            order = loops[rep % len(loops):] + loops[:rep % len(loops)]
+            for loop in order:
+                done += 1
+                try:
+                    r = (run_idle(loop, sc, seconds) if sc.idle
+                         else run_echo(binary, loop, sc, seconds, client_cpu))
+                except Exception as exc:  # a failing loop must not hide the others
+                    log(f"[{done}/{total}] {sc.name} {loop}: FAILED: {exc}")
+                    continue
+                runs[loop].append(r)
+                summary = (f"{r['rss_per_conn_kib']:.1f} KiB/conn, {r['idle_cpu_pct']:.2f}% CPU"
+                           if sc.idle else
+                           f"{r['rps']:,.0f} req/s, p99 {r['p99_us']:.0f} us, errors {r['errors']}")
+                log(f"[{done}/{total}] {sc.name} {loop}: {summary}")
+        keys = IDLE_KEYS if sc.idle else ECHO_KEYS
+        results[sc.name] = {loop: {"median": medians(rs, keys), "runs": rs}
+                            for loop, rs in runs.items() if rs}
+
+    machine = {"cpus": ncpu, "platform": platform.platform(), "python": sys.version.split()[0],
+               "client_cpu": client_cpu}
+    text = report(results, loops)
+    print(f"machine: {machine['cpus']} CPUs, {machine['platform']}, Python {machine['python']}; "
+          f"medians of {repeat} interleaved runs of {seconds:g} s")
+    print(text)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"machine": machine, "repeat": repeat, "seconds": seconds,
+                                     "results": results}, indent=1))
+    png = args.json.with_suffix(".png")
+    drew = chart(results, loops, png)
+    print(f"\nJSON: {args.json}" + (f"\nchart: {png}" if drew else ""))
+    errors = sum(r.get("errors", 0) for per in results.values() for d in per.values()
+                 for r in d["runs"])
+    return 1 if errors or not results else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""An echo server on a chosen event loop, for tools/bench.py.
+
+    python tools/bench_server.py --loop mtloop --mode protocol [--size 1024]
+                                 [--work-us 0] [--unix PATH]
+
+Loops: asyncio (the stock loop), uvloop, rloop, mtloop.  Modes: protocol
+(asyncio.Protocol), buffered (asyncio.BufferedProtocol), streams
+(asyncio.start_server), sock (loop.sock_accept/sock_recv/sock_sendall).
+With --work-us the server frames the byte stream into --size messages and
+spends that many microseconds of pure-Python work on each before echoing
+it (the "heavy handler" scenario); otherwise it echoes bytes as they come.
+
+Prints "READY <port or path>" on stdout once it listens, then serves until
+SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import sys
+import time
+from typing import Any, Callable
+
+
+def make_loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    if name == "asyncio":
+        return asyncio.new_event_loop
+    if name == "uvloop":
+        import uvloop
+        return uvloop.new_event_loop
+    if name == "rloop":
+        import rloop  # type: ignore[import-not-found]
+        return rloop.new_event_loop
+    if name == "mtloop":
+        import mtloop
+        return mtloop.new_event_loop
+    raise SystemExit(f"unknown loop {name!r}")
+
+
+def spin(us: float) -> None:
+    """Pure-Python work for about `us` microseconds (holds the GIL)."""
+    end = time.perf_counter() + us * 1e-6
+    x = 0
+    while time.perf_counter() < end:
+        x += 1
+
+
+class Framer:
+    """Cuts a byte stream into `size`-byte messages, working on each."""
+
+    def __init__(self, size: int, work_us: float, send: Callable[[bytes], Any]) -> None:
+        self.size, self.work_us, self.send = size, work_us, send
+        self.buf = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        if not self.work_us:
+            self.send(data)
+            return
+        self.buf += data
+        while len(self.buf) >= self.size:
+            msg = bytes(self.buf[:self.size])
+            del self.buf[:self.size]
+            spin(self.work_us)
+            self.send(msg)
+
+
+class EchoProtocol(asyncio.Protocol):
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+
+    def connection_made(self, transport: Any) -> None:
+        self.framer = Framer(self.args.size, self.args.work_us, transport.write)
+
+    def data_received(self, data: bytes) -> None:
+        self.framer.feed(data)
+
+
+class EchoBufferedProtocol(asyncio.BufferedProtocol):
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.buffer = bytearray(256 * 1024)
+        self.view = memoryview(self.buffer)
+
+    def connection_made(self, transport: Any) -> None:
+        self.framer = Framer(self.args.size, self.args.work_us, transport.write)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.framer.feed(bytes(self.view[:nbytes]))
+
+
+async def serve(args: argparse.Namespace) -> None:
+    loop = asyncio.get_running_loop()
+    stop = loop.create_future()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+    if args.unix:
+        if os.path.exists(args.unix):
+            os.unlink(args.unix)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(args.unix)
+        where = args.unix
+    else:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", args.port))
+        where = str(sock.getsockname()[1])
+    sock.setblocking(False)
+
+    if args.mode == "protocol":
+        server = await loop.create_server(lambda: EchoProtocol(args), sock=sock, backlog=4096)
+    elif args.mode == "buffered":
+        server = await loop.create_server(lambda: EchoBufferedProtocol(args), sock=sock,
+                                          backlog=4096)
+    elif args.mode == "streams":
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            framer = Framer(args.size, args.work_us, writer.write)
+            try:
+                while True:
+                    data = await reader.read(256 * 1024)
+                    if not data:
+                        break
+                    framer.feed(data)
+                    await writer.drain()
+            except ConnectionError:
+                pass
+            finally:
+                writer.close()
+        server = await asyncio.start_server(handle, sock=sock, backlog=4096)
+    else:  # sock
+        sock.listen(4096)
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def client(conn: socket.socket) -> None:
+            out: list[bytes] = []
+            framer = Framer(args.size, args.work_us, out.append)
+            with conn:
+                try:
+                    while True:
+                        data = await loop.sock_recv(conn, 256 * 1024)
+                        if not data:
+                            return
+                        framer.feed(data)
+                        for chunk in out:
+                            await loop.sock_sendall(conn, chunk)
+                        out.clear()
+                except ConnectionError:
+                    pass
+
+        async def accept() -> None:
+            while True:
+                conn, _ = await loop.sock_accept(sock)
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1) \
+                    if conn.family != socket.AF_UNIX else None
+                task = loop.create_task(client(conn))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+
+        server = None
+        acceptor = loop.create_task(accept())
+
+    print(f"READY {where}", flush=True)
+    await stop
+    if server is not None:
+        server.close()
+    else:
+        acceptor.cancel()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--loop", required=True,
+                        choices=("asyncio", "uvloop", "rloop", "mtloop"))
+    parser.add_argument("--mode", default="protocol",
+                        choices=("protocol", "buffered", "streams", "sock"))
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--work-us", type=float, default=0.0)
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--unix", default=None)
+    args = parser.parse_args()
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # for the many-connection runs
+    loop = make_loop_factory(args.loop)()
+    try:
+        loop.run_until_complete(serve(args))
+    finally:
+        loop.close()
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

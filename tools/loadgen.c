@@ -1,0 +1,895 @@
+/*
+ * mtloop-loadgen: a single-threaded epoll load generator for echo servers.
+ *
+ *   mtloop-loadgen --port 8888 [--host 127.0.0.1] | --unix PATH
+ *                  [-c CONNS] [-s SIZE] [-d SECONDS | -n REQUESTS]
+ *                  [-p DEPTH] [--warmup SECONDS] [--json] [--cpu N]
+ *                  [--connect-timeout SECONDS]
+ *
+ * Each connection runs a closed loop with up to DEPTH messages in flight: a
+ * message is sent when one of the connection's earlier ones has been echoed
+ * back in full.  Message `seq` of connection `id` carries bytes derived from
+ * (id, seq) only, so every echoed byte is checked against what it must be:
+ * corruption, loss, duplication or reordering shows as a mismatch.  A
+ * mismatch, unexpected data, EOF or a reset counts as an error and closes
+ * that connection.
+ *
+ * Latency of a request: from just before the send() that carries the first
+ * byte of the message to just after the recv() that returns the last byte of
+ * its echo (CLOCK_MONOTONIC), recorded in a log-linear histogram (values in
+ * ns; exact below 256 ns, then 128 sub-buckets per power of two, i.e. under
+ * 0.8 % relative error, up to 2^34 ns ~ 17 s; larger values are clamped into
+ * the top bucket, the exact max and mean are kept separately).
+ *
+ * Connections are opened in parallel; the clock starts when every connection
+ * is open (or has failed).  Requests completed during --warmup are not
+ * counted (with -n they do not use up the budget either).
+ *
+ * Exit status: 0 on success, 1 if any error occurred or no request completed,
+ * 2 on bad usage.
+ */
+
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <math.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#define PROG "mtloop-loadgen"
+
+#define NS_PER_SEC 1000000000ULL
+#define SEND_CHUNK (256 * 1024)
+#define RECV_CHUNK (256 * 1024)
+#define MAX_EVENTS 256
+#define MAX_REPORTED_ERRORS 10
+#define NEVER UINT64_MAX
+
+/* ------------------------------------------------------------------------ */
+/* Time                                                                     */
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * NS_PER_SEC + (uint64_t)ts.tv_nsec;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Latency histogram (log-linear, HDR-like)                                 */
+
+#define H_SUB_BITS 7                    /* 128 sub-buckets per power of two */
+#define H_SUB (1u << H_SUB_BITS)
+#define H_MAX_EXP 34                    /* values below 2^34 ns (~17 s) */
+#define H_BUCKETS ((H_MAX_EXP - H_SUB_BITS + 1) * H_SUB)
+
+struct histogram {
+    uint64_t counts[H_BUCKETS];
+    uint64_t total;
+    uint64_t max;
+    long double sum;
+};
+
+static unsigned hist_index(uint64_t v)
+{
+    if (v >= (1ULL << H_MAX_EXP))
+        v = (1ULL << H_MAX_EXP) - 1;
+    if (v < 2 * H_SUB)
+        return (unsigned)v;
+    unsigned e = 63u - (unsigned)__builtin_clzll(v);
+    unsigned shift = e - H_SUB_BITS;
+    return shift * H_SUB + (unsigned)(v >> shift);
+}
+
+/* The highest value that falls into bucket `idx`. */
+static uint64_t hist_upper(unsigned idx)
+{
+    if (idx < 2 * H_SUB)
+        return idx;
+    unsigned shift = idx / H_SUB - 1;
+    uint64_t m = (uint64_t)(idx % H_SUB) + H_SUB;
+    return ((m + 1) << shift) - 1;
+}
+
+static void hist_record(struct histogram *h, uint64_t v)
+{
+    h->counts[hist_index(v)]++;
+    h->total++;
+    h->sum += (long double)v;
+    if (v > h->max)
+        h->max = v;
+}
+
+/* Value at percentile p (0 < p <= 100), in ns; never above the exact max. */
+static uint64_t hist_percentile(const struct histogram *h, double p)
+{
+    if (h->total == 0)
+        return 0;
+    uint64_t target = (uint64_t)ceil(p / 100.0 * (double)h->total);
+    if (target < 1)
+        target = 1;
+    if (target > h->total)
+        target = h->total;
+    uint64_t seen = 0;
+    for (unsigned i = 0; i < H_BUCKETS; i++) {
+        seen += h->counts[i];
+        if (seen >= target) {
+            uint64_t v = hist_upper(i);
+            return v < h->max ? v : h->max;
+        }
+    }
+    return h->max;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Message content: a pure function of (connection id, sequence number)     */
+
+static inline uint64_t mix64(uint64_t x)
+{
+    x ^= x >> 30;
+    x *= 0xbf58476d1ce4e5b9ULL;
+    x ^= x >> 27;
+    x *= 0x94d049bb133111ebULL;
+    x ^= x >> 31;
+    return x;
+}
+
+static inline uint64_t msg_seed(uint32_t id, uint64_t seq)
+{
+    return mix64(((uint64_t)id << 40) ^ seq ^ 0x6d746c6f6f70ULL);
+}
+
+static inline uint64_t msg_word(uint64_t seed, uint64_t k)
+{
+    uint64_t x = seed + (k + 1) * 0x9e3779b97f4a7c15ULL;
+    x ^= x >> 32;
+    x *= 0xd6e8feb86659fd93ULL;
+    x ^= x >> 32;
+    return x;
+}
+
+/* Bytes [off, off + len) of the message with this seed, into out. */
+static void msg_fill(uint64_t seed, size_t off, size_t len, unsigned char *out)
+{
+    uint64_t k = off / 8;
+    size_t in = off % 8;
+    while (len > 0) {
+        uint64_t w = msg_word(seed, k++);
+        size_t take = 8 - in;
+        if (take > len)
+            take = len;
+        memcpy(out, (const unsigned char *)&w + in, take);
+        out += take;
+        len -= take;
+        in = 0;
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* State                                                                    */
+
+enum conn_state { C_IDLE, C_RETRY, C_CONNECTING, C_OPEN, C_CLOSED };
+enum phase { PH_CONNECTING, PH_RUNNING, PH_DONE };
+
+struct conn {
+    int fd;
+    uint32_t id;
+    enum conn_state state;
+    uint64_t nissued;           /* messages 0..nissued-1 have been issued */
+    uint64_t wseq;              /* send position: message, offset */
+    size_t woff;
+    uint64_t rseq;              /* receive position: message, offset */
+    size_t roff;
+    uint64_t *tstart;           /* [pipeline]: send time of message seq */
+};
+
+struct options {
+    const char *host;
+    const char *port;
+    const char *unix_path;
+    uint64_t connections;
+    uint64_t size;
+    double duration;            /* seconds; 0: none */
+    uint64_t requests;          /* 0: none */
+    uint64_t pipeline;
+    double warmup;
+    bool json;
+    long cpu;                   /* -1: none */
+    double connect_timeout;
+};
+
+static struct options opt = {
+    .host = "127.0.0.1",
+    .connections = 32,
+    .size = 1024,
+    .pipeline = 1,
+    .cpu = -1,
+    .connect_timeout = 5.0,
+};
+
+static struct {
+    int epfd;
+    struct sockaddr_storage addr;
+    socklen_t addrlen;
+    int family;
+    struct conn *conns;
+    uint64_t nconns;
+    enum phase phase;
+    uint64_t pending;           /* connections still connecting */
+    uint64_t alive;             /* connections open */
+    uint64_t connected;         /* connections that got established */
+    uint64_t issued;            /* messages issued, all connections */
+    uint64_t budget;            /* may issue while issued < budget */
+    uint64_t inflight;          /* issued and not yet completed */
+    uint64_t requests;          /* completed and counted */
+    uint64_t errors;
+    uint64_t connect_deadline;
+    uint64_t t0;                /* all connections resolved */
+    uint64_t measure_start;     /* t0 + warmup */
+    uint64_t end;               /* measure_start + duration, or NEVER */
+    uint64_t stop_time;
+    struct histogram hist;
+    unsigned char *sbuf;
+    unsigned char *rbuf;
+    unsigned char *ebuf;
+} g;
+
+static volatile sig_atomic_t interrupted;
+
+static void on_signal(int sig)
+{
+    (void)sig;
+    interrupted = 1;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Usage                                                                    */
+
+static void usage(FILE *f)
+{
+    fprintf(f,
+        "usage: " PROG " (--port PORT [--host HOST] | --unix PATH) [options]\n"
+        "\n"
+        "Closed-loop echo load generator: every echoed byte is verified.\n"
+        "\n"
+        "  --host HOST             server host (default 127.0.0.1)\n"
+        "  --port PORT             server TCP port\n"
+        "  --unix PATH             server Unix socket path (instead of TCP)\n"
+        "  -c, --connections N     concurrent connections (default 32)\n"
+        "  -s, --size BYTES        message size (default 1024)\n"
+        "  -d, --duration SECONDS  measured run time (default 10 unless -n)\n"
+        "  -n, --requests N        stop after N counted requests\n"
+        "  -p, --pipeline DEPTH    messages in flight per connection (default 1)\n"
+        "      --warmup SECONDS    run this long before counting (default 0)\n"
+        "      --json              print one JSON object\n"
+        "      --cpu N             pin this process to CPU N\n"
+        "      --connect-timeout SECONDS  (default 5)\n"
+        "  -h, --help              show this help\n"
+        "\n"
+        "Exit status: 0 ok, 1 errors or no request completed, 2 bad usage.\n");
+}
+
+static void bad_usage(const char *fmt, ...)
+{
+    va_list ap;
+    fprintf(stderr, PROG ": ");
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "\nTry '" PROG " --help'.\n");
+    exit(2);
+}
+
+static uint64_t parse_uint(const char *name, const char *s, uint64_t lo, uint64_t hi)
+{
+    char *end;
+    errno = 0;
+    if (*s == '-' || *s == '+' || *s == '\0' || *s == ' ')
+        bad_usage("%s: not a valid integer: '%s'", name, s);
+    unsigned long long v = strtoull(s, &end, 10);
+    if (errno != 0 || *end != '\0')
+        bad_usage("%s: not a valid integer: '%s'", name, s);
+    if (v < lo || v > hi)
+        bad_usage("%s: %s is out of range [%llu, %llu]", name, s,
+                  (unsigned long long)lo, (unsigned long long)hi);
+    return v;
+}
+
+static double parse_seconds(const char *name, const char *s, bool allow_zero)
+{
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (*s == '\0' || errno != 0 || *end != '\0' || !isfinite(v) || v < 0 ||
+        (!allow_zero && v == 0) || v > 1e7)
+        bad_usage("%s: not a valid number of seconds: '%s'", name, s);
+    return v;
+}
+
+enum {
+    OPT_HOST = 256, OPT_PORT, OPT_UNIX, OPT_WARMUP, OPT_JSON, OPT_CPU,
+    OPT_CONNECT_TIMEOUT,
+};
+
+static void parse_args(int argc, char **argv)
+{
+    static const struct option longopts[] = {
+        {"host", required_argument, NULL, OPT_HOST},
+        {"port", required_argument, NULL, OPT_PORT},
+        {"unix", required_argument, NULL, OPT_UNIX},
+        {"connections", required_argument, NULL, 'c'},
+        {"size", required_argument, NULL, 's'},
+        {"duration", required_argument, NULL, 'd'},
+        {"requests", required_argument, NULL, 'n'},
+        {"pipeline", required_argument, NULL, 'p'},
+        {"warmup", required_argument, NULL, OPT_WARMUP},
+        {"json", no_argument, NULL, OPT_JSON},
+        {"cpu", required_argument, NULL, OPT_CPU},
+        {"connect-timeout", required_argument, NULL, OPT_CONNECT_TIMEOUT},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0},
+    };
+    bool host_given = false;
+    int ch;
+    while ((ch = getopt_long(argc, argv, "c:s:d:n:p:h", longopts, NULL)) != -1) {
+        switch (ch) {
+        case OPT_HOST: opt.host = optarg; host_given = true; break;
+        case OPT_PORT:
+            parse_uint("--port", optarg, 1, 65535);
+            opt.port = optarg;
+            break;
+        case OPT_UNIX: opt.unix_path = optarg; break;
+        case 'c': opt.connections = parse_uint("--connections", optarg, 1, 1000000); break;
+        case 's': opt.size = parse_uint("--size", optarg, 1, 1ULL << 30); break;
+        case 'd': opt.duration = parse_seconds("--duration", optarg, false); break;
+        case 'n': opt.requests = parse_uint("--requests", optarg, 1, 1ULL << 48); break;
+        case 'p': opt.pipeline = parse_uint("--pipeline", optarg, 1, 1 << 20); break;
+        case OPT_WARMUP: opt.warmup = parse_seconds("--warmup", optarg, true); break;
+        case OPT_JSON: opt.json = true; break;
+        case OPT_CPU: opt.cpu = (long)parse_uint("--cpu", optarg, 0, CPU_SETSIZE - 1); break;
+        case OPT_CONNECT_TIMEOUT:
+            opt.connect_timeout = parse_seconds("--connect-timeout", optarg, false);
+            break;
+        case 'h': usage(stdout); exit(0);
+        default: fprintf(stderr, "Try '" PROG " --help'.\n"); exit(2);
+        }
+    }
+    if (optind < argc)
+        bad_usage("unexpected argument '%s'", argv[optind]);
+    if (opt.unix_path) {
+        if (opt.port || host_given)
+            bad_usage("--unix excludes --host and --port");
+        if (strlen(opt.unix_path) >= sizeof(((struct sockaddr_un *)0)->sun_path))
+            bad_usage("--unix: path too long");
+        if (opt.unix_path[0] == '\0')
+            bad_usage("--unix: empty path");
+    } else if (!opt.port) {
+        bad_usage("--port (or --unix) is required");
+    }
+    if (opt.duration == 0 && opt.requests == 0)
+        opt.duration = 10.0;
+    if (opt.connections * opt.pipeline > (1ULL << 24))
+        bad_usage("--connections x --pipeline is too large");
+}
+
+/* ------------------------------------------------------------------------ */
+/* Connections                                                              */
+
+static void conn_close(struct conn *c)
+{
+    if (c->state == C_CLOSED)
+        return;
+    if (c->state == C_OPEN)
+        g.alive--;
+    if (c->state == C_CONNECTING || c->state == C_RETRY)
+        g.pending--;
+    if (c->fd >= 0)
+        close(c->fd);
+    c->fd = -1;
+    g.inflight -= c->nissued - c->rseq;
+    c->state = C_CLOSED;
+}
+
+static void conn_fail(struct conn *c, const char *fmt, ...)
+{
+    g.errors++;
+    if (g.errors <= MAX_REPORTED_ERRORS) {
+        va_list ap;
+        fprintf(stderr, PROG ": connection %u: ", c->id);
+        va_start(ap, fmt);
+        vfprintf(stderr, fmt, ap);
+        va_end(ap);
+        fputc('\n', stderr);
+    } else if (g.errors == MAX_REPORTED_ERRORS + 1) {
+        fprintf(stderr, PROG ": further errors not shown\n");
+    }
+    conn_close(c);
+}
+
+static void conn_opened(struct conn *c)
+{
+    c->state = C_OPEN;
+    g.pending--;
+    g.alive++;
+    g.connected++;
+}
+
+/* One connect attempt; leaves c CONNECTING, RETRY, OPEN or CLOSED. */
+static void conn_try_connect(struct conn *c)
+{
+    if (c->fd < 0) {
+        c->fd = socket(g.family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (c->fd < 0) {
+            conn_fail(c, "socket: %s", strerror(errno));
+            return;
+        }
+        if (g.family != AF_UNIX) {
+            int one = 1;
+            if (setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one) < 0) {
+                conn_fail(c, "TCP_NODELAY: %s", strerror(errno));
+                return;
+            }
+        }
+    }
+    int rc = connect(c->fd, (struct sockaddr *)&g.addr, g.addrlen);
+    if (rc < 0 && g.family == AF_UNIX && errno == EAGAIN) {
+        c->state = C_RETRY;      /* listen backlog full: try again shortly */
+        return;
+    }
+    /* A non-blocking TCP connect goes on in the background (EINTR too). */
+    if (rc < 0 && !(g.family != AF_UNIX && (errno == EINPROGRESS || errno == EINTR))) {
+        conn_fail(c, "connect: %s", strerror(errno));
+        return;
+    }
+    struct epoll_event ev = {
+        .events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET,
+        .data.ptr = c,
+    };
+    if (epoll_ctl(g.epfd, EPOLL_CTL_ADD, c->fd, &ev) < 0) {
+        conn_fail(c, "epoll_ctl: %s", strerror(errno));
+        return;
+    }
+    if (rc == 0)
+        conn_opened(c);
+    else
+        c->state = C_CONNECTING;
+}
+
+static uint64_t send_pos(const struct conn *c)
+{
+    return c->wseq * opt.size + c->woff;
+}
+
+static uint64_t recv_pos(const struct conn *c)
+{
+    return c->rseq * opt.size + c->roff;
+}
+
+/* Send what the closed loop allows, until it is all sent or the socket is
+ * full (edge-triggered EPOLLOUT then brings us back). */
+static void conn_write(struct conn *c)
+{
+    const uint64_t size = opt.size, depth = opt.pipeline;
+    while (c->state == C_OPEN) {
+        while (c->nissued < c->rseq + depth && g.issued < g.budget) {
+            c->nissued++;
+            g.issued++;
+            g.inflight++;
+        }
+        uint64_t pending = (c->nissued - c->wseq) * size - c->woff;
+        if (pending == 0)
+            return;
+        size_t fill = pending < SEND_CHUNK ? (size_t)pending : SEND_CHUNK;
+
+        uint64_t seq = c->wseq;
+        size_t off = c->woff, pos = 0;
+        while (pos < fill) {
+            size_t k = (size_t)size - off;
+            if (k > fill - pos)
+                k = fill - pos;
+            msg_fill(msg_seed(c->id, seq), off, k, g.sbuf + pos);
+            pos += k;
+            off += k;
+            if (off == size) {
+                seq++;
+                off = 0;
+            }
+        }
+
+        uint64_t t = now_ns();
+        ssize_t n = send(c->fd, g.sbuf, fill, MSG_NOSIGNAL);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                return;
+            conn_fail(c, "send: %s", strerror(errno));
+            return;
+        }
+        size_t left = (size_t)n;
+        while (left > 0) {
+            if (c->woff == 0)
+                c->tstart[c->wseq % depth] = t;
+            size_t k = (size_t)size - c->woff;
+            if (k > left)
+                k = left;
+            c->woff += k;
+            left -= k;
+            if (c->woff == size) {
+                c->wseq++;
+                c->woff = 0;
+            }
+        }
+        if ((size_t)n < fill)
+            return;             /* the socket buffer is full */
+    }
+}
+
+static void complete(struct conn *c, uint64_t t)
+{
+    uint64_t lat = t - c->tstart[c->rseq % opt.pipeline];
+    if (g.phase == PH_RUNNING && t >= g.measure_start) {
+        if (t < g.end) {
+            hist_record(&g.hist, lat);
+            g.requests++;
+        }
+    } else if (g.budget != NEVER) {
+        g.budget++;             /* a warmup request: not counted */
+    }
+    c->rseq++;
+    c->roff = 0;
+    g.inflight--;
+}
+
+/* Read everything available, verifying each byte against what was sent.
+ * `events` is the epoll mask that brought us here. */
+static void conn_read(struct conn *c, uint32_t events)
+{
+    const uint64_t size = opt.size;
+    while (c->state == C_OPEN) {
+        ssize_t n = recv(c->fd, g.rbuf, RECV_CHUNK, 0);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                return;
+            conn_fail(c, "recv: %s", strerror(errno));
+            return;
+        }
+        if (n == 0) {
+            conn_fail(c, "connection closed by the server (%llu requests done, %llu in flight)",
+                      (unsigned long long)c->rseq,
+                      (unsigned long long)(c->nissued - c->rseq));
+            return;
+        }
+        uint64_t t = now_ns();
+        if (recv_pos(c) + (uint64_t)n > send_pos(c)) {
+            conn_fail(c, "received %llu bytes more than were sent",
+                      (unsigned long long)(recv_pos(c) + (uint64_t)n - send_pos(c)));
+            return;
+        }
+        size_t pos = 0;
+        while (pos < (size_t)n) {
+            size_t k = (size_t)size - c->roff;
+            if (k > (size_t)n - pos)
+                k = (size_t)n - pos;
+            msg_fill(msg_seed(c->id, c->rseq), c->roff, k, g.ebuf);
+            if (memcmp(g.ebuf, g.rbuf + pos, k) != 0) {
+                size_t i = 0;
+                while (g.ebuf[i] == g.rbuf[pos + i])
+                    i++;
+                conn_fail(c, "echo mismatch in message %llu at offset %zu "
+                          "(expected 0x%02x, got 0x%02x)",
+                          (unsigned long long)c->rseq, c->roff + i,
+                          g.ebuf[i], g.rbuf[pos + i]);
+                return;
+            }
+            pos += k;
+            c->roff += k;
+            if (c->roff == size)
+                complete(c, t);
+        }
+        /* A short read drained the socket: data arriving later raises a new
+         * edge.  Not so for a FIN that came before the read (the mask then
+         * says EPOLLRDHUP): read on to see the EOF. */
+        if ((size_t)n < RECV_CHUNK && !(events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)))
+            return;
+    }
+}
+
+static void conn_event(struct conn *c, uint32_t events)
+{
+    if (c->state == C_CONNECTING) {
+        int err = 0;
+        socklen_t len = sizeof err;
+        if (getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
+            err = errno;
+        if (err != 0) {
+            conn_fail(c, "connect: %s", strerror(err));
+            return;
+        }
+        if (!(events & (EPOLLOUT | EPOLLERR | EPOLLHUP)))
+            return;
+        if (events & (EPOLLERR | EPOLLHUP)) {
+            conn_fail(c, "connect: connection failed");
+            return;
+        }
+        conn_opened(c);
+    }
+    if (c->state != C_OPEN)
+        return;
+    if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
+        conn_read(c, events);
+    if (c->state == C_OPEN && (events & (EPOLLHUP | EPOLLERR))) {
+        int err = 0;
+        socklen_t len = sizeof err;
+        getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &len);
+        conn_fail(c, "socket error: %s", err ? strerror(err) : "hang-up");
+        return;
+    }
+    if (c->state == C_OPEN && g.phase == PH_RUNNING)
+        conn_write(c);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Set-up                                                                   */
+
+static void resolve(void)
+{
+    memset(&g.addr, 0, sizeof g.addr);
+    if (opt.unix_path) {
+        struct sockaddr_un *sun = (struct sockaddr_un *)&g.addr;
+        sun->sun_family = AF_UNIX;
+        strcpy(sun->sun_path, opt.unix_path);
+        g.addrlen = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + strlen(opt.unix_path) + 1);
+        g.family = AF_UNIX;
+        return;
+    }
+    struct addrinfo hints = {0}, *res = NULL;
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_NUMERICSERV;
+    int rc = getaddrinfo(opt.host, opt.port, &hints, &res);
+    if (rc != 0 || res == NULL) {
+        fprintf(stderr, PROG ": cannot resolve %s: %s\n", opt.host, gai_strerror(rc));
+        exit(2);
+    }
+    memcpy(&g.addr, res->ai_addr, res->ai_addrlen);
+    g.addrlen = res->ai_addrlen;
+    g.family = res->ai_family;
+    freeaddrinfo(res);
+}
+
+static void raise_fd_limit(uint64_t need)
+{
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur >= need)
+        return;
+    rl.rlim_cur = (rl.rlim_max == RLIM_INFINITY || rl.rlim_max > need) ? need : rl.rlim_max;
+    if (setrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur < need)
+        fprintf(stderr, PROG ": warning: file descriptor limit is below %llu\n",
+                (unsigned long long)need);
+}
+
+static void *xcalloc(size_t n, size_t size)
+{
+    void *p = calloc(n, size);
+    if (!p) {
+        fprintf(stderr, PROG ": out of memory\n");
+        exit(1);
+    }
+    return p;
+}
+
+static void start_run(uint64_t now)
+{
+    g.phase = PH_RUNNING;
+    g.t0 = now;
+    g.measure_start = now + (uint64_t)(opt.warmup * 1e9);
+    g.end = opt.duration > 0 ? g.measure_start + (uint64_t)(opt.duration * 1e9) : NEVER;
+    for (uint64_t i = 0; i < g.nconns; i++)
+        if (g.conns[i].state == C_OPEN)
+            conn_write(&g.conns[i]);
+}
+
+static void stop_run(uint64_t now)
+{
+    if (g.phase == PH_RUNNING)
+        g.stop_time = now < g.end ? now : g.end;
+    g.phase = PH_DONE;
+    for (uint64_t i = 0; i < g.nconns; i++)
+        if (g.conns[i].state != C_CLOSED) {
+            if (g.conns[i].state != C_OPEN)
+                conn_fail(&g.conns[i], "interrupted while connecting");
+            else
+                conn_close(&g.conns[i]);
+        }
+}
+
+static int ms_until(uint64_t now, uint64_t deadline)
+{
+    if (deadline == NEVER)
+        return -1;
+    if (deadline <= now)
+        return 0;
+    uint64_t ms = (deadline - now + 999999) / 1000000;
+    return ms > 1000 ? 1000 : (int)ms;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Report                                                                   */
+
+static void report(void)
+{
+    double seconds = 0;
+    if (g.stop_time > g.measure_start && g.t0 != 0)
+        seconds = (double)(g.stop_time - g.measure_start) / 1e9;
+    double rps = seconds > 0 ? (double)g.requests / seconds : 0;
+    double mib_s = seconds > 0 ? (double)g.requests * (double)opt.size / seconds / 1048576.0 : 0;
+    double p50 = hist_percentile(&g.hist, 50) / 1e3;
+    double p90 = hist_percentile(&g.hist, 90) / 1e3;
+    double p99 = hist_percentile(&g.hist, 99) / 1e3;
+    double p999 = hist_percentile(&g.hist, 99.9) / 1e3;
+    double max = g.hist.max / 1e3;
+    double mean = g.hist.total ? (double)(g.hist.sum / g.hist.total) / 1e3 : 0;
+
+    if (opt.json) {
+        printf("{\"requests\": %llu, \"seconds\": %.6f, \"rps\": %.3f, \"mib_s\": %.3f, "
+               "\"errors\": %llu, \"connections\": %llu, \"size\": %llu, \"pipeline\": %llu, "
+               "\"p50_us\": %.3f, \"p90_us\": %.3f, \"p99_us\": %.3f, \"p999_us\": %.3f, "
+               "\"max_us\": %.3f, \"mean_us\": %.3f}\n",
+               (unsigned long long)g.requests, seconds, rps, mib_s,
+               (unsigned long long)g.errors, (unsigned long long)g.connected,
+               (unsigned long long)opt.size, (unsigned long long)opt.pipeline,
+               p50, p90, p99, p999, max, mean);
+        return;
+    }
+    if (opt.unix_path)
+        printf(PROG ": unix %s", opt.unix_path);
+    else
+        printf(PROG ": tcp %s port %s", opt.host, opt.port);
+    printf(", %llu B messages, pipeline %llu\n",
+           (unsigned long long)opt.size, (unsigned long long)opt.pipeline);
+    printf("  connections  %llu", (unsigned long long)g.connected);
+    if (g.connected != opt.connections)
+        printf(" (of %llu requested)", (unsigned long long)opt.connections);
+    printf("\n  duration     %.3f s", seconds);
+    if (opt.warmup > 0)
+        printf(" (after %.3f s warmup)", opt.warmup);
+    printf("\n  requests     %llu  (%.1f req/s, %.2f MiB/s echoed)\n",
+           (unsigned long long)g.requests, rps, mib_s);
+    printf("  errors       %llu\n", (unsigned long long)g.errors);
+    printf("  latency (us) mean %.1f  p50 %.1f  p90 %.1f  p99 %.1f  p99.9 %.1f  max %.1f\n",
+           mean, p50, p90, p99, p999, max);
+}
+
+/* ------------------------------------------------------------------------ */
+
+int main(int argc, char **argv)
+{
+    parse_args(argc, argv);
+
+    if (opt.cpu >= 0) {
+        cpu_set_t set;
+        CPU_ZERO(&set);
+        CPU_SET((int)opt.cpu, &set);
+        if (sched_setaffinity(0, sizeof set, &set) != 0) {
+            fprintf(stderr, PROG ": cannot pin to CPU %ld: %s\n", opt.cpu, strerror(errno));
+            exit(2);
+        }
+    }
+
+    resolve();
+    raise_fd_limit(opt.connections + 16);
+
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
+    g.epfd = epoll_create1(EPOLL_CLOEXEC);
+    if (g.epfd < 0) {
+        perror(PROG ": epoll_create1");
+        return 1;
+    }
+    g.sbuf = xcalloc(1, SEND_CHUNK);
+    g.rbuf = xcalloc(1, RECV_CHUNK);
+    g.ebuf = xcalloc(1, RECV_CHUNK);
+    g.nconns = opt.connections;
+    g.conns = xcalloc((size_t)g.nconns, sizeof *g.conns);
+    uint64_t *tstarts = xcalloc((size_t)(g.nconns * opt.pipeline), sizeof *tstarts);
+    g.budget = opt.requests ? opt.requests : NEVER;
+    g.end = NEVER;
+    g.phase = PH_CONNECTING;
+
+    uint64_t now = now_ns();
+    g.connect_deadline = now + (uint64_t)(opt.connect_timeout * 1e9);
+    g.pending = g.nconns;
+    for (uint64_t i = 0; i < g.nconns; i++) {
+        struct conn *c = &g.conns[i];
+        c->fd = -1;
+        c->id = (uint32_t)i;
+        c->state = C_IDLE;
+        c->tstart = tstarts + i * opt.pipeline;
+        conn_try_connect(c);
+    }
+
+    struct epoll_event events[MAX_EVENTS];
+    bool retrying = false;
+    while (g.phase != PH_DONE) {
+        now = now_ns();
+        if (g.phase == PH_CONNECTING) {
+            retrying = false;
+            for (uint64_t i = 0; i < g.nconns; i++)
+                if (g.conns[i].state == C_RETRY) {
+                    conn_try_connect(&g.conns[i]);
+                    retrying |= g.conns[i].state == C_RETRY;
+                }
+            if (now >= g.connect_deadline)
+                for (uint64_t i = 0; i < g.nconns; i++)
+                    if (g.conns[i].state == C_CONNECTING || g.conns[i].state == C_RETRY)
+                        conn_fail(&g.conns[i], "connect timed out");
+            if (g.pending == 0) {
+                if (g.alive == 0) {
+                    g.phase = PH_DONE;
+                    break;
+                }
+                start_run(now);
+            }
+        }
+        if (g.phase == PH_RUNNING) {
+            if (interrupted || now >= g.end || g.alive == 0 ||
+                (g.issued >= g.budget && g.inflight == 0)) {
+                stop_run(now);
+                break;
+            }
+        } else if (interrupted) {
+            stop_run(now);
+            break;
+        }
+
+        int timeout = g.phase == PH_CONNECTING ? ms_until(now, g.connect_deadline)
+                                               : ms_until(now, g.end);
+        if (retrying && timeout != 0)
+            timeout = 1;
+        if (timeout < 0 || timeout > 100)
+            timeout = 100;      /* to notice a signal that raced epoll_wait */
+        int n = epoll_wait(g.epfd, events, MAX_EVENTS, timeout);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            perror(PROG ": epoll_wait");
+            return 1;
+        }
+        for (int i = 0; i < n; i++)
+            conn_event(events[i].data.ptr, events[i].events);
+    }
+
+    report();
+    free(tstarts);
+    free(g.conns);
+    free(g.sbuf);
+    free(g.rbuf);
+    free(g.ebuf);
+    close(g.epfd);
+    return (g.errors > 0 || g.requests == 0) ? 1 : 0;
+}
