@@ -189,13 +189,6 @@ bool mt_io_thread_stopped(mt_io_thread *io)
     return atomic_load_explicit(&io->stopped, memory_order_acquire);
 }
 
-static void stat_add(_Atomic uint64_t *counter, uint64_t n)
-{
-    /* Single writer: a load and a store, no locked instruction. */
-    atomic_store_explicit(counter, atomic_load_explicit(counter, memory_order_relaxed) + n,
-                          memory_order_relaxed);
-}
-
 static void flush_batches(mt_io_thread *io)
 {
     for (int i = 0; i < io->nbatch; i++) {
@@ -212,7 +205,7 @@ static void flush_batches(mt_io_thread *io)
 void mt_io_thread_emit(mt_io_thread *io, mt_done *done)
 {
     mt_sink *sink = done->source->sink;
-    stat_add(&io->stats.completions, 1);
+    mt_counter_add(&io->stats.completions, 1);
     atomic_store_explicit(&done->node.next, NULL, memory_order_relaxed);
     int i;
     for (i = 0; i < io->nbatch && io->batch[i].sink != sink; i++)
@@ -301,7 +294,7 @@ static void run_commands(mt_io_thread *io)
         }
     }
     if (n)
-        stat_add(&io->stats.commands, n);
+        mt_counter_add(&io->stats.commands, n);
 }
 
 static void on_waker(evutil_socket_t fd, short what, void *arg)
@@ -406,7 +399,6 @@ fail:;
  * old loops may still point at them (and only ask whether they stopped). */
 static struct {
     pthread_mutex_t mu;
-    pid_t pid;
     int n;
     mt_io_thread *threads[MT_IO_THREADS_MAX];
     mt_io_thread *retired;
@@ -426,7 +418,6 @@ static void forget_after_fork(void)
     rt.n = 0;
     rt.retired = NULL;
     stopping_n = 0;
-    rt.pid = getpid();
     atomic_fetch_add(&fork_generation, 1);
 }
 
@@ -436,7 +427,6 @@ void mt_runtime_init(void)
     if (done)
         return;
     done = true;
-    rt.pid = getpid();
     pthread_atfork(NULL, NULL, forget_after_fork);
 }
 

@@ -177,6 +177,14 @@ void mt_latch_destroy(mt_latch *l);
 
 /* ---- the pool ------------------------------------------------------------ */
 
+/* Adds to a counter that only one thread writes (others only read it): a
+ * load and a release store, no locked instruction. */
+static inline void mt_counter_add(_Atomic uint64_t *counter, uint64_t n)
+{
+    atomic_store_explicit(counter, atomic_load_explicit(counter, memory_order_relaxed) + n,
+                          memory_order_release);
+}
+
 /* Per-thread counters, all atomics written by their I/O thread and read by
  * anyone. */
 typedef struct mt_io_stats {

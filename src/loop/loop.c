@@ -525,9 +525,8 @@ static int drain_completions(mt_loop *self)
     return 0;
 }
 
-static PyObject *forked_error(mt_loop *self)
+static PyObject *forked_error(void)
 {
-    (void)self;
     PyErr_SetString(PyExc_RuntimeError,
                     "this mtloop event loop was created before os.fork() in the parent "
                     "process and cannot be used in the child; create a new event loop");
@@ -537,7 +536,7 @@ static PyObject *forked_error(mt_loop *self)
 int mt_loop_check_usable(mt_loop *loop)
 {
     if (loop->fork_generation != mt_fork_generation()) {
-        forked_error(loop);
+        forked_error();
         return -1;
     }
     if (loop->core_closed || loop->closed) {
@@ -654,7 +653,7 @@ static PyObject *loop_run_once(mt_loop *self, PyObject *Py_UNUSED(ignored))
         return loop_closed_error();
 
     if (self->fork_generation != mt_fork_generation())
-        return forked_error(self);
+        return forked_error();
 
     drop_cancelled_timers(self);
     bool drained = drain_threadsafe(self);

@@ -12,14 +12,14 @@
 typedef struct {
     PyObject_HEAD
     mt_loop *loop;          /* strong */
-    mt_listener *listener;  /* a reference */
-    mt_io_thread *io;
+    mt_listener *listener;  /* a reference; its obj.io is the accepting thread */
     PyObject *on_accept;    /* on_accept(fd, address) */
     PyObject *on_error;     /* on_error(errno) */
     bool closed;
 } mt_listener_obj;
 
-PyObject *mt_sockaddr_to_py(const struct sockaddr *sa, socklen_t len)
+/* A socket address as the socket module returns it, or NULL. */
+static PyObject *sockaddr_to_py(const struct sockaddr *sa, socklen_t len)
 {
     char host[INET6_ADDRSTRLEN];
     switch (sa->sa_family) {
@@ -72,7 +72,7 @@ int mt_listener_core_dispatch(mt_loop *loop, mt_done *done)
     int rc = 0;
     PyObject *res = NULL;
     if (done->kind == MT_DONE_ACCEPT) {
-        PyObject *addr = mt_sockaddr_to_py((struct sockaddr *)done->addr, done->addrlen);
+        PyObject *addr = sockaddr_to_py((struct sockaddr *)done->addr, done->addrlen);
         if (addr != NULL) {
             int fd = done->fd;
             done->fd = -1; /* the callback owns it now */
@@ -98,7 +98,7 @@ static void post(mt_listener_obj *self, mt_cmd_kind kind)
         PyErr_WriteUnraisable((PyObject *)self);
         return;
     }
-    mt_loop_post(self->loop, self->io, cmd);
+    mt_loop_post(self->loop, self->listener->obj.io, cmd);
 }
 
 static PyObject *listener_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
@@ -129,7 +129,6 @@ static PyObject *listener_new(PyTypeObject *type, PyObject *args, PyObject *kwds
     }
     self->listener->core = self;
     self->loop = (mt_loop *)Py_NewRef(loop_obj);
-    self->io = io;
     self->on_accept = Py_NewRef(on_accept);
     self->on_error = Py_NewRef(on_error);
     post(self, MT_CMD_LISTEN);
@@ -178,7 +177,7 @@ static void listener_dealloc(mt_listener_obj *self)
 
 static PyObject *listener_get_io_thread(mt_listener_obj *self, void *Py_UNUSED(c))
 {
-    return PyLong_FromLong(mt_io_thread_index(self->io));
+    return PyLong_FromLong(mt_io_thread_index(self->listener->obj.io));
 }
 
 static PyGetSetDef listener_getset[] = {

@@ -13,7 +13,4 @@ int mt_listener_core_type_init(PyObject *module);
 /* Takes `done`.  -1 only for what must leave the run loop. */
 int mt_listener_core_dispatch(mt_loop *loop, mt_done *done);
 
-/* A socket address as the socket module returns it, or NULL. */
-PyObject *mt_sockaddr_to_py(const struct sockaddr *sa, socklen_t len);
-
 #endif

@@ -25,7 +25,7 @@ static void post(mt_stream_core *self, mt_cmd_kind kind)
         PyErr_WriteUnraisable((PyObject *)self);
         return;
     }
-    mt_loop_post(self->loop, self->io, cmd);
+    mt_loop_post(self->loop, self->stream->obj.io, cmd);
 }
 
 /* The loop consumed `n` delivered bytes: give the credit back and restart
@@ -295,7 +295,7 @@ static PyObject *queue_output(mt_stream_core *self, const void *buf, size_t len)
         return PyErr_NoMemory();
     memcpy(cmd->data, buf, len);
     self->queued += len;
-    mt_loop_post(self->loop, self->io, cmd);
+    mt_loop_post(self->loop, self->stream->obj.io, cmd);
     if (self->protocol_paused)
         arm_resume(self); /* the buffer grew: the mark moves with it */
     else if (maybe_pause(self) < 0)
@@ -496,7 +496,7 @@ static PyObject *core_sendfile(mt_stream_core *self, PyObject *args)
     cmd->offset = offset;
     cmd->len = (size_t)count;
     self->sendfile_waiter = Py_NewRef(waiter);
-    mt_loop_post(self->loop, self->io, cmd);
+    mt_loop_post(self->loop, self->stream->obj.io, cmd);
     Py_RETURN_NONE;
 }
 
@@ -678,7 +678,6 @@ static PyObject *core_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     if (self == NULL)
         return NULL;
     self->loop = (mt_loop *)Py_NewRef(loop_obj);
-    self->io = io;
     self->high_water = DEFAULT_HIGH_WATER;
     self->low_water = DEFAULT_HIGH_WATER / 4;
     if (set_protocol(self, protocol) < 0) {
@@ -780,7 +779,7 @@ static PyObject *get_fd(mt_stream_core *self, void *Py_UNUSED(c))
 
 static PyObject *get_io_thread(mt_stream_core *self, void *Py_UNUSED(c))
 {
-    return PyLong_FromLong(mt_io_thread_index(self->io));
+    return PyLong_FromLong(mt_io_thread_index(self->stream->obj.io));
 }
 
 static PyGetSetDef core_getset[] = {

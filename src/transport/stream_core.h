@@ -15,8 +15,7 @@
 struct mt_stream_core {
     PyObject_HEAD
     mt_loop *loop;              /* strong */
-    mt_stream *stream;          /* a reference */
-    mt_io_thread *io;
+    mt_stream *stream;          /* a reference; its obj.io is the owning thread */
     PyObject *transport;        /* strong until CLOSED is dispatched */
     PyObject *protocol;
     PyObject *data_received;    /* bound methods, cached by set_protocol() */

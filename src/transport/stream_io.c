@@ -17,12 +17,6 @@
 #define MT_MAX_IOV 64
 #define MT_READS_PER_EVENT 16
 
-static void single_writer_add(_Atomic uint64_t *counter, uint64_t n)
-{
-    atomic_store_explicit(counter, atomic_load_explicit(counter, memory_order_relaxed) + n,
-                          memory_order_release);
-}
-
 static void emit(mt_io_thread *io, mt_stream *s, mt_done_kind kind, int err, size_t len)
 {
     mt_done *done = mt_done_new(kind, &s->obj, 0);
@@ -66,7 +60,7 @@ static void drop_output(mt_stream *s)
     s->out_tail = NULL;
     s->out_bytes = 0;
     if (dropped)
-        single_writer_add(&s->flushed, dropped);
+        mt_counter_add(&s->flushed, dropped);
 }
 
 static void check_drained(mt_io_thread *io, mt_stream *s)
@@ -169,8 +163,8 @@ static bool flush_output(mt_io_thread *io, mt_stream *s)
         }
         size_t left = (size_t)n;
         s->out_bytes -= left;
-        single_writer_add(&s->flushed, left);
-        single_writer_add(&mt_io_thread_stats(io)->bytes_written, left);
+        mt_counter_add(&s->flushed, left);
+        mt_counter_add(&mt_io_thread_stats(io)->bytes_written, left);
         while (left > 0) {
             mt_cmd *c = s->out_head;
             size_t avail = c->len - s->out_off;
@@ -202,7 +196,7 @@ static bool run_sendfile(mt_io_thread *io, mt_stream *s)
             s->sf_offset += n;
             s->sf_left -= (size_t)n;
             s->sf_done += (size_t)n;
-            single_writer_add(&mt_io_thread_stats(io)->bytes_written, (uint64_t)n);
+            mt_counter_add(&mt_io_thread_stats(io)->bytes_written, (uint64_t)n);
             continue;
         }
         if (n == 0)
@@ -286,7 +280,7 @@ static void on_readable(evutil_socket_t fd, short what, void *arg)
             }
             memcpy(done->data, buf, (size_t)n);
             atomic_fetch_add_explicit(&s->unconsumed, n, memory_order_seq_cst);
-            single_writer_add(&mt_io_thread_stats(io)->bytes_read, (uint64_t)n);
+            mt_counter_add(&mt_io_thread_stats(io)->bytes_read, (uint64_t)n);
             mt_io_thread_emit(io, done);
             if (n < MT_IO_SCRATCH)
                 return;
@@ -332,7 +326,7 @@ static void stream_command(mt_io_thread *io, mt_io_obj *obj, mt_cmd *cmd)
     mt_stream *s = (mt_stream *)obj;
     if (cmd->kind == MT_CMD_STREAM_WRITE) {
         if (s->closed || s->write_failed) {
-            single_writer_add(&s->flushed, cmd->len);
+            mt_counter_add(&s->flushed, cmd->len);
             mt_cmd_free(cmd);
             check_drained(io, s);
             return;
