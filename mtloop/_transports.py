@@ -42,8 +42,14 @@ def _core_flag(name: str, doc: str) -> property:
 class SocketTransport(transports._FlowControlMixin, transports.Transport):
     """A TCP or Unix stream transport driven by an mtloop I/O thread."""
 
-    __slots__ = ("_core", "_sock", "_sock_fd", "_server", "_lost_scheduled",
-                 "__weakref__")
+    # write() and writelines() are the C core's own bound methods, stored per
+    # instance, so a protocol's transport.write(data) runs no Python frame.
+    __slots__ = {
+        "write": "write(data): queue bytes-like data to be sent to the socket.",
+        "writelines": "writelines(list_of_data): write each item, joined first.",
+        "_core": None, "_sock": None, "_sock_fd": None, "_server": None,
+        "_lost_scheduled": None, "__weakref__": None,
+    }
 
     _sendfile_compatible = constants._SendfileMode.TRY_NATIVE
 
@@ -61,6 +67,8 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
         self._server = None
         self._lost_scheduled = False
         self._core = _mtloop.StreamCore(loop, sock.fileno(), self, protocol)
+        self.write = self._core.write
+        self.writelines = self._core.writelines
         super().__init__(extra, loop)
         self._extra["socket"] = trsock.TransportSocket(sock)
         try:
@@ -154,12 +162,6 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
             logger.debug("%r resumes reading", self)
 
     # ---- asyncio.WriteTransport ----------------------------------------
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self._core.write(data)
-
-    def writelines(self, list_of_data: Any) -> None:
-        self._core.writelines(list_of_data)
 
     def write_eof(self) -> None:
         core = self._core

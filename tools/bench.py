@@ -3,6 +3,7 @@
     python tools/bench.py                 # the quick set, about a minute and a half
     python tools/bench.py --full          # the whole matrix (many minutes)
     python tools/bench.py --smoke         # seconds: checks that it all runs
+    python tools/bench.py --scaling       # mtloop with 1, 2, 4, 8 I/O threads (many cores)
 
 For each scenario, each loop's echo server (tools/bench_server.py, one
 process per run) is driven by the C load generator (tools/loadgen.c,
@@ -12,6 +13,18 @@ CPU per request split into its loop thread and its other threads (mtloop's
 I/O threads) from /proc/PID/task, and its peak RSS.  It writes JSON
 (--json, default build/bench/results.json) and, when matplotlib is
 importable, a PNG chart next to it.  Progress goes to stderr.
+
+Every server runs with MALLOC_TRIM_THRESHOLD_ set (64 MiB), whatever its
+loop: with glibc's default, a server that allocates 64 KiB buffers per
+request lands, run by run, in one of two modes twice apart (17-30 page
+faults per request in the slow one), for asyncio and uvloop as much as for
+mtloop, which drowned the loops' differences.  --malloc-default turns that
+off.
+
+A loop named mtloop:N runs mtloop with N I/O threads.  --clients K splits
+the connections over K load generators pinned to the last K CPUs (requests
+add up; p50 is the clients' mean, p99 their maximum), and --server-cpus
+pins the server, for machines with cores to spare.
 
 Benchmarks are measurements, not tests: nothing here asserts a speed.
 """
@@ -63,6 +76,10 @@ FULL = (
        Scenario("heavy 64KiB x16 (50us/req)", size=64 * 1024, connections=16, work_us=50),
        Scenario("idle x10000", connections=10000, idle=True)]
 )
+SCALING = [
+    Scenario("protocol 1KiB x256", connections=256),
+    Scenario("protocol 10KiB x256", size=10 * 1024, connections=256),
+]
 SMOKE = [Scenario("protocol 1KiB x4", connections=4),
          Scenario("idle x50", connections=50, idle=True)]
 
@@ -74,15 +91,18 @@ def log(msg: str) -> None:
 def available_loops(wanted: list[str]) -> list[str]:
     out = []
     for name in wanted:
-        if name == "asyncio" or importlib.util.find_spec(name) is not None:
+        module = name.split(":")[0]
+        if module == "asyncio" or importlib.util.find_spec(module) is not None:
             out.append(name)
         else:
             log(f"bench: {name} is not importable; left out")
     return out
 
 
-def build_loadgen() -> Path:
+def build_loadgen(given: Path | None = None) -> Path:
     """Builds tools/loadgen.c with CMake (once) and returns the binary."""
+    if given is not None:
+        return given
     build = ROOT / "build" / "bench-loadgen"
     binary = build / "tools" / "mtloop-loadgen"
     bindir = Path(sys.executable).parent
@@ -122,10 +142,20 @@ def status_kib(pid: int, key: str) -> int:
 
 
 class Server:
+    env: dict[str, str] = {}          # set by main(): extra environment for every server
+    cpus: set[int] | None = None      # set by main(): the server's CPU affinity
+
     def __init__(self, loop: str, sc: Scenario) -> None:
-        cmd = [sys.executable, str(SERVER), "--loop", loop, "--mode", sc.mode,
+        module, _, io_threads = loop.partition(":")
+        cmd = [sys.executable, str(SERVER), "--loop", module, "--mode", sc.mode,
                "--size", str(sc.size), "--work-us", str(sc.work_us)]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        env = {**os.environ, **Server.env}
+        if io_threads:
+            env["MTLOOP_IO_THREADS"] = io_threads
+        cpus = Server.cpus
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, text=True, env=env,
+            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
         line = self.proc.stdout.readline()  # type: ignore[union-attr]
         if not line.startswith("READY"):
             self.proc.kill()
@@ -150,19 +180,38 @@ class Server:
 
 # ---- one run ---------------------------------------------------------------------
 
-def loadgen(binary: Path, port: int, sc: Scenario, seconds: float, cpu: int | None) -> dict:
-    cmd = [str(binary), "--port", str(port), "-c", str(sc.connections), "-s", str(sc.size),
-           "-p", str(sc.pipeline), "-d", str(seconds), "--json"]
-    if cpu is not None:
-        cmd += ["--cpu", str(cpu)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
-    try:
-        return json.loads(proc.stdout)
-    except ValueError:
-        raise RuntimeError(f"loadgen failed ({proc.returncode}): {proc.stderr.strip()}")
+def loadgen(binary: Path, port: int, sc: Scenario, seconds: float,
+            cpus: list[int | None]) -> dict:
+    """Runs one load generator per entry of `cpus` (each pinned there when
+    not None), splitting the connections, and merges their reports."""
+    procs = []
+    for i, cpu in enumerate(cpus):
+        conns = sc.connections // len(cpus) + (i < sc.connections % len(cpus))
+        cmd = [str(binary), "--port", str(port), "-c", str(conns), "-s", str(sc.size),
+               "-p", str(sc.pipeline), "-d", str(seconds), "--json"]
+        if cpu is not None:
+            cmd += ["--cpu", str(cpu)]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    reports = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=seconds + 60)
+        try:
+            reports.append(json.loads(out))
+        except ValueError:
+            raise RuntimeError(f"loadgen failed ({proc.returncode}): {err.strip()}")
+    if len(reports) == 1:
+        return reports[0]
+    merged = {k: sum(r[k] for r in reports)
+              for k in ("requests", "rps", "mib_s", "errors", "connections")}
+    merged["p50_us"] = statistics.mean(r["p50_us"] for r in reports)
+    merged["p99_us"] = max(r["p99_us"] for r in reports)
+    merged["clients"] = len(reports)
+    return merged
 
 
-def run_echo(binary: Path, loop: str, sc: Scenario, seconds: float, cpu: int | None) -> dict:
+def run_echo(binary: Path, loop: str, sc: Scenario, seconds: float,
+             cpu: list[int | None]) -> dict:
     server = Server(loop, sc)
     try:
         loadgen(binary, server.port, sc, min(0.3, seconds / 3), cpu)  # warm-up
@@ -270,6 +319,15 @@ def chart(results: dict[str, dict[str, dict]], loops: list[str], path: Path) -> 
     return True
 
 
+def parse_cpus(spec: str) -> set[int]:
+    """'0-3,8' -> {0, 1, 2, 3, 8}."""
+    cpus: set[int] = set()
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
 def raise_fd_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
@@ -281,23 +339,43 @@ def main() -> int:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--full", action="store_true", help="the whole matrix")
     group.add_argument("--smoke", action="store_true", help="a few seconds, to see it runs")
+    group.add_argument("--scaling", action="store_true",
+                       help="mtloop with 1, 2, 4 and 8 I/O threads beside asyncio and uvloop "
+                            "(for a machine with many cores; use with --clients)")
     parser.add_argument("--loops", default="asyncio,uvloop,rloop,mtloop")
     parser.add_argument("--repeat", type=int, default=None, help="runs per loop (default 5)")
     parser.add_argument("--seconds", type=float, default=None, help="seconds per run")
     parser.add_argument("-k", dest="pattern", default=None, help="only scenarios containing this")
     parser.add_argument("--json", type=Path, default=ROOT / "build" / "bench" / "results.json")
+    parser.add_argument("--clients", type=int, default=1,
+                        help="load generators, pinned to the last CPUs (default 1)")
+    parser.add_argument("--server-cpus", default=None,
+                        help="CPUs for the servers, e.g. 0-9 (default: unpinned)")
+    parser.add_argument("--loadgen", type=Path, default=None,
+                        help="a built mtloop-loadgen (default: build it with CMake)")
+    parser.add_argument("--malloc-default", action="store_true",
+                        help="leave glibc's heap trimming at its default (see above)")
     args = parser.parse_args()
 
-    scenarios = FULL if args.full else SMOKE if args.smoke else QUICK
+    if args.scaling and args.loops == parser.get_default("loops"):
+        args.loops = "asyncio,uvloop,mtloop:1,mtloop:2,mtloop:4,mtloop:8"
+    if not args.malloc_default:
+        Server.env = {"MALLOC_TRIM_THRESHOLD_": str(64 * 1024 * 1024)}
+    if args.server_cpus:
+        Server.cpus = parse_cpus(args.server_cpus)
+    scenarios = (FULL if args.full else SMOKE if args.smoke else
+                 SCALING if args.scaling else QUICK)
     if args.pattern:
         scenarios = [s for s in scenarios if args.pattern in s.name]
     repeat = args.repeat or (1 if args.smoke else 5)
     seconds = args.seconds or (0.5 if args.smoke else 1.0 if not args.full else 2.0)
     loops = available_loops(args.loops.split(","))
     raise_fd_limit()
-    binary = build_loadgen()
+    binary = build_loadgen(args.loadgen)
     ncpu = os.cpu_count() or 1
-    client_cpu = ncpu - 1 if ncpu > 1 else None
+    nclients = max(1, args.clients)
+    client_cpus: list[int | None] = ([ncpu - nclients + i for i in range(nclients)]
+                                     if ncpu > nclients else [None] * nclients)
 
     results: dict[str, dict[str, dict]] = {}
     total = len(scenarios) * repeat * len(loops)
@@ -311,7 +389,7 @@ def main() -> int:
                 done += 1
                 try:
                     r = (run_idle(loop, sc, seconds) if sc.idle
-                         else run_echo(binary, loop, sc, seconds, client_cpu))
+                         else run_echo(binary, loop, sc, seconds, client_cpus))
                 except Exception as exc:  # a failing loop must not hide the others
                     log(f"[{done}/{total}] {sc.name} {loop}: FAILED: {exc}")
                     continue
@@ -325,7 +403,8 @@ def main() -> int:
                             for loop, rs in runs.items() if rs}
 
     machine = {"cpus": ncpu, "platform": platform.platform(), "python": sys.version.split()[0],
-               "client_cpu": client_cpu}
+               "client_cpus": client_cpus, "server_cpus": args.server_cpus,
+               "malloc_trim_threshold": Server.env.get("MALLOC_TRIM_THRESHOLD_", "default")}
     text = report(results, loops)
     print(f"machine: {machine['cpus']} CPUs, {machine['platform']}, Python {machine['python']}; "
           f"medians of {repeat} interleaved runs of {seconds:g} s")

@@ -2,6 +2,8 @@
  * sinks and the process-wide registry of threads.  See runtime.h. */
 #include "io_threads/runtime.h"
 
+#include "io_threads/buffer_pool.h"
+
 #include <errno.h>
 #include <signal.h>
 #include <stdlib.h>
@@ -39,10 +41,12 @@ struct mt_io_thread {
 
 mt_cmd *mt_cmd_new(mt_cmd_kind kind, void *target, size_t len)
 {
-    mt_cmd *cmd = malloc(sizeof(*cmd) + len);
+    uint8_t cls;
+    mt_cmd *cmd = mt_pool_alloc(sizeof(*cmd) + len, &cls);
     if (cmd == NULL)
         return NULL;
     memset(cmd, 0, sizeof(*cmd));
+    cmd->pool_cls = cls;
     cmd->kind = (uint8_t)kind;
     cmd->target = target;
     cmd->len = len;
@@ -56,15 +60,17 @@ void mt_cmd_free(mt_cmd *cmd)
 {
     if (cmd->target != NULL && cmd->kind != MT_CMD_SINK_CLOSE)
         mt_io_obj_decref(cmd->target);
-    free(cmd);
+    mt_pool_free(cmd, cmd->pool_cls);
 }
 
 mt_done *mt_done_new(mt_done_kind kind, mt_io_obj *source, size_t len)
 {
-    mt_done *done = malloc(sizeof(*done) + len);
+    uint8_t cls;
+    mt_done *done = mt_pool_alloc(sizeof(*done) + len, &cls);
     if (done == NULL)
         return NULL;
     memset(done, 0, sizeof(*done));
+    done->pool_cls = cls;
     done->kind = (uint8_t)kind;
     done->fd = -1;
     done->source = source;
@@ -78,7 +84,7 @@ void mt_done_free(mt_done *done)
     if (done->kind == MT_DONE_ACCEPT && done->fd >= 0)
         close(done->fd); /* accepted but never handed over */
     mt_io_obj_decref(done->source);
-    free(done);
+    mt_pool_free(done, done->pool_cls);
 }
 
 /* ---- objects ---------------------------------------------------------------- */
@@ -187,6 +193,11 @@ int mt_io_thread_index(mt_io_thread *io) { return io->index; }
 bool mt_io_thread_stopped(mt_io_thread *io)
 {
     return atomic_load_explicit(&io->stopped, memory_order_acquire);
+}
+
+bool mt_io_thread_sleeping(mt_io_thread *io)
+{
+    return atomic_load_explicit(&io->waker.state, memory_order_relaxed) != MT_WAKER_RUNNING;
 }
 
 static void flush_batches(mt_io_thread *io)
@@ -465,7 +476,8 @@ void mt_runtime_stop(void)
         mt_cmd *stop = mt_cmd_new(MT_CMD_STOP, NULL, 0);
         if (stop == NULL || stopping_n == (int)(sizeof(stopping) / sizeof(*stopping))) {
             /* Out of memory: this thread is left running. */
-            free(stop);
+            if (stop != NULL)
+                mt_cmd_free(stop);
             continue;
         }
         atomic_store_explicit(&io->stopped, true, memory_order_seq_cst);

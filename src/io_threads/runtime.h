@@ -89,6 +89,7 @@ struct mt_cmd {
     mt_mpsc_node node;
     struct mt_cmd *next;   /* output-queue link once a WRITE is queued */
     uint8_t kind;
+    uint8_t pool_cls;      /* buffer-pool class of this record */
     void *target;          /* an mt_io_obj (a reference), or the mt_sink */
     mt_latch *latch;       /* SINK_CLOSE only */
     size_t len;            /* WRITE: bytes in data[]; SENDFILE: count */
@@ -97,8 +98,8 @@ struct mt_cmd {
     char data[];
 };
 
-/* Allocates a command with room for `len` bytes of data (malloc; NULL when
- * out of memory).  Any thread frees it with mt_cmd_free(). */
+/* Allocates a command with room for `len` bytes of data (from the buffer
+ * pool; NULL when out of memory).  Any thread frees it with mt_cmd_free(). */
 mt_cmd *mt_cmd_new(mt_cmd_kind kind, void *target, size_t len);
 void mt_cmd_free(mt_cmd *cmd);
 
@@ -127,6 +128,7 @@ typedef enum {
 typedef struct mt_done {
     mt_mpsc_node node;
     uint8_t kind;
+    uint8_t pool_cls;      /* buffer-pool class of this record */
     int err;
     int fd;
     mt_io_obj *source;     /* a reference */
@@ -230,6 +232,9 @@ void mt_runtime_init(void);
 unsigned mt_fork_generation(void);
 
 bool mt_io_thread_stopped(mt_io_thread *io);
+/* True while the thread is blocked in (or about to block in) its wait:
+ * work handed to it now costs a wakeup.  A racy hint, any thread. */
+bool mt_io_thread_sleeping(mt_io_thread *io);
 int mt_io_thread_index(mt_io_thread *io);
 
 /* ---- for the owning thread's handlers ----------------------------------- */

@@ -553,7 +553,6 @@ mt_io_thread *mt_loop_pick_io(mt_loop *loop)
     unsigned i = loop->io_next++ % (unsigned)loop->io_count;
     if (!loop->io_acquired || mt_io_thread_stopped(loop->io[i])) {
         /* First use, or the pool was shut down and restarted since. */
-        mt_loop_publish(loop);
         if (mt_runtime_acquire(loop->io_count, loop->io) < 0) {
             PyErr_SetFromErrno(PyExc_OSError);
             return NULL;
@@ -563,48 +562,11 @@ mt_io_thread *mt_loop_pick_io(mt_loop *loop)
     return loop->io[i];
 }
 
-void mt_loop_post(mt_loop *loop, mt_io_thread *io, mt_cmd *cmd)
+void mt_loop_post(mt_io_thread *io, mt_cmd *cmd)
 {
     atomic_store_explicit(&cmd->node.next, NULL, memory_order_relaxed);
-    int i;
-    for (i = 0; i < loop->io_count && loop->io[i] != io; i++)
-        ;
-    if (i == loop->io_count || loop->core_closed) {
-        /* A thread of a pool shut down since, or a closed loop. */
-        if (!mt_io_thread_post(io, cmd, cmd))
-            mt_cmd_free(cmd);
-        return;
-    }
-    mt_cmd_batch *b = &loop->batches[i];
-    if (b->last)
-        atomic_store_explicit(&b->last->node.next, &cmd->node, memory_order_relaxed);
-    else
-        b->first = cmd;
-    b->last = cmd;
-    if (!atomic_load_explicit(&loop->running, memory_order_relaxed))
-        mt_loop_publish(loop);
-}
-
-void mt_loop_publish(mt_loop *loop)
-{
-    if (!loop->io_acquired)
-        return;
-    for (int i = 0; i < loop->io_count; i++) {
-        mt_cmd_batch *b = &loop->batches[i];
-        if (b->first == NULL)
-            continue;
-        mt_cmd *first = b->first, *last = b->last;
-        b->first = b->last = NULL;
-        if (!mt_io_thread_post(loop->io[i], first, last)) {
-            /* The pool stopped: its threads aborted every transport. */
-            mt_mpsc_node *n = &first->node;
-            while (n != NULL) {
-                mt_mpsc_node *next = atomic_load_explicit(&n->next, memory_order_relaxed);
-                mt_cmd_free(MT_CONTAINER_OF(n, mt_cmd, node));
-                n = n == &last->node ? NULL : next;
-            }
-        }
-    }
+    if (!mt_io_thread_post(io, cmd, cmd))
+        mt_cmd_free(cmd); /* the pool stopped: its threads aborted every transport */
 }
 
 /* Makes every I/O thread let go of this loop's transports and listeners,
@@ -613,7 +575,6 @@ void mt_loop_publish(mt_loop *loop)
 static void close_sink(mt_loop *self)
 {
     if (self->fork_generation == mt_fork_generation() && self->io_acquired) {
-        mt_loop_publish(self);
         mt_latch latch;
         mt_latch_init(&latch);
         for (int i = 0; i < self->io_count; i++) {
@@ -657,7 +618,6 @@ static PyObject *loop_run_once(mt_loop *self, PyObject *Py_UNUSED(ignored))
 
     drop_cancelled_timers(self);
     bool drained = drain_threadsafe(self);
-    mt_loop_publish(self);
 
     double timeout = -1.0;
     if (mt_ready_queue_len(&self->ready) || self->stopping || !drained ||
@@ -724,12 +684,9 @@ static PyObject *loop_run_once(mt_loop *self, PyObject *Py_UNUSED(ignored))
         PyObject *h = mt_ready_queue_pop(&self->ready);
         int res = self->debug ? run_ready_debug(self, h) : run_ready(self, h);
         Py_DECREF(h);
-        if (res < 0) {
-            mt_loop_publish(self);
+        if (res < 0)
             return NULL;
-        }
     }
-    mt_loop_publish(self);
     Py_RETURN_NONE;
 }
 

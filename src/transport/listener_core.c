@@ -98,7 +98,7 @@ static void post(mt_listener_obj *self, mt_cmd_kind kind)
         PyErr_WriteUnraisable((PyObject *)self);
         return;
     }
-    mt_loop_post(self->loop, self->listener->obj.io, cmd);
+    mt_loop_post(self->listener->obj.io, cmd);
 }
 
 static PyObject *listener_new(PyTypeObject *type, PyObject *args, PyObject *kwds)

@@ -26,6 +26,9 @@
  * its BLOCKED completion; it pauses by itself only past this many times the
  * high-water mark, so a writer that never yields stays bounded. */
 #define MT_WRITE_CAP_FACTOR 16
+/* The largest write the loop thread sends itself when the I/O thread
+ * sleeps (stream_core.c, direct_send); bigger ones are worth a wakeup. */
+#define MT_DIRECT_SEND_MAX (16 * 1024)
 #define MT_WRITE_CAP_MIN (4 * 1024 * 1024)
 
 struct event;

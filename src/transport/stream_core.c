@@ -3,6 +3,7 @@
 #include "transport/stream_core.h"
 
 #include <structmember.h>
+#include <sys/socket.h>
 
 #include "pyext/module.h"
 
@@ -25,7 +26,7 @@ static void post(mt_stream_core *self, mt_cmd_kind kind)
         PyErr_WriteUnraisable((PyObject *)self);
         return;
     }
-    mt_loop_post(self->loop, self->stream->obj.io, cmd);
+    mt_loop_post(self->stream->obj.io, cmd);
 }
 
 /* The loop consumed `n` delivered bytes: give the credit back and restart
@@ -288,14 +289,48 @@ static int on_blocked(mt_stream_core *self)
     return call_transport(self, "_maybe_pause_protocol", "()");
 }
 
+/* Sends a small write from the loop thread when that saves a wakeup and
+ * nothing else waits for the loop: the owning I/O thread sleeps, holds no
+ * earlier output of this stream (all of it was sent or dropped, so nothing
+ * can be reordered), and the loop has no completion or callback queued.
+ * The fd stays open until the loop itself closes or aborts the transport.
+ * Returns the bytes sent; the rest (all of it on EAGAIN or an error) goes
+ * to the I/O thread, which reports any error the usual way.
+ *
+ * Measured on the development VM (tools/bench.py): a 1 KiB ping-pong's
+ * p50 drops by about 14% (one of its three context switches per request
+ * goes).  Sending directly whenever the I/O thread slept, without the
+ * idle-loop condition, cost 35% at 32 busy connections, because the loop
+ * thread then did the sends of whole bursts itself. */
+static size_t direct_send(mt_stream_core *self, const char *buf, size_t len)
+{
+    mt_stream *s = self->stream;
+    mt_loop *loop = self->loop;
+    if (len > MT_DIRECT_SEND_MAX || self->closing || self->closed)
+        return 0;
+    if (mt_ready_queue_len(&loop->ready) != 0 || !mt_mpsc_queue_is_empty(&loop->sink->queue))
+        return 0;
+    if (atomic_load_explicit(&s->flushed, memory_order_acquire) != self->queued)
+        return 0;
+    if (!mt_io_thread_sleeping(s->obj.io) || mt_io_thread_stopped(s->obj.io))
+        return 0;
+    ssize_t n = send(s->fd, buf, len, MSG_NOSIGNAL | MSG_DONTWAIT);
+    return n > 0 ? (size_t)n : 0;
+}
+
 static PyObject *queue_output(mt_stream_core *self, const void *buf, size_t len)
 {
+    size_t sent = direct_send(self, buf, len);
+    if (sent == len)
+        Py_RETURN_NONE;
+    buf = (const char *)buf + sent;
+    len -= sent;
     mt_cmd *cmd = mt_cmd_new(MT_CMD_STREAM_WRITE, &self->stream->obj, len);
     if (cmd == NULL)
         return PyErr_NoMemory();
     memcpy(cmd->data, buf, len);
     self->queued += len;
-    mt_loop_post(self->loop, self->stream->obj.io, cmd);
+    mt_loop_post(self->stream->obj.io, cmd);
     if (self->protocol_paused)
         arm_resume(self); /* the buffer grew: the mark moves with it */
     else if (maybe_pause(self) < 0)
@@ -496,7 +531,7 @@ static PyObject *core_sendfile(mt_stream_core *self, PyObject *args)
     cmd->offset = offset;
     cmd->len = (size_t)count;
     self->sendfile_waiter = Py_NewRef(waiter);
-    mt_loop_post(self->loop, self->stream->obj.io, cmd);
+    mt_loop_post(self->stream->obj.io, cmd);
     Py_RETURN_NONE;
 }
 
