@@ -15,8 +15,9 @@
  * the rest goes back to malloc.
  *
  * Any thread may allocate and free; a thread's cache goes back to the
- * depot when the thread exits.  After fork() the child starts with an
- * empty depot (the blocks held at that moment are leaked, not reused). */
+ * depot when the thread exits (blocks a later thread-exit hook frees stay
+ * in that dead thread's cache).  A child of fork() keeps the depot, its
+ * own copy of that free memory; the other threads' caches are lost. */
 #ifndef MT_BUFFER_POOL_H
 #define MT_BUFFER_POOL_H
 
@@ -27,7 +28,7 @@
 #define MT_POOL_MAX_SHIFT 17  /* 128 KiB */
 #define MT_POOL_CLASSES (MT_POOL_MAX_SHIFT - MT_POOL_MIN_SHIFT + 1)
 #define MT_POOL_NONE 0xff     /* the class of a block malloc gave */
-#define MT_POOL_DEPOT_BYTES (2u * 1024 * 1024)
+#define MT_POOL_DEPOT_BYTES (4u * 1024 * 1024)
 
 /* A block of at least `size` bytes, or NULL (errno ENOMEM).  `*cls` gets
  * the class to pass back to mt_pool_free(). */

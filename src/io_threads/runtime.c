@@ -27,7 +27,6 @@ struct mt_io_thread {
     /* This thread only. */
     struct event_base *base;
     struct event *waker_event;
-    char *scratch;
     mt_io_obj *owned;
     bool exiting;
     struct {
@@ -187,7 +186,6 @@ void mt_latch_destroy(mt_latch *l)
 
 struct event_base *mt_io_thread_base(mt_io_thread *io) { return io->base; }
 mt_io_stats *mt_io_thread_stats(mt_io_thread *io) { return &io->stats; }
-char *mt_io_thread_scratch(mt_io_thread *io) { return io->scratch; }
 int mt_io_thread_index(mt_io_thread *io) { return io->index; }
 
 bool mt_io_thread_stopped(mt_io_thread *io)
@@ -341,10 +339,8 @@ static void *io_main(void *arg)
     flush_batches(io);
     event_free(io->waker_event);
     event_base_free(io->base);
-    free(io->scratch);
     io->base = NULL;
     io->waker_event = NULL;
-    io->scratch = NULL;
     return NULL;
 }
 
@@ -358,11 +354,8 @@ static mt_io_thread *io_thread_start(int index)
     atomic_init(&io->stopped, false);
     if (mt_waker_init(&io->waker) < 0)
         goto fail;
-    io->scratch = malloc(MT_IO_SCRATCH);
     struct event_config *cfg = event_config_new();
-    if (io->scratch == NULL || cfg == NULL) {
-        if (cfg)
-            event_config_free(cfg);
+    if (cfg == NULL) {
         errno = ENOMEM;
         goto fail;
     }
@@ -397,7 +390,6 @@ fail:;
         event_free(io->waker_event);
     if (io->base)
         event_base_free(io->base);
-    free(io->scratch);
     mt_waker_close(&io->waker);
     free(io);
     errno = saved;

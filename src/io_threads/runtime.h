@@ -92,7 +92,10 @@ struct mt_cmd {
     uint8_t pool_cls;      /* buffer-pool class of this record */
     void *target;          /* an mt_io_obj (a reference), or the mt_sink */
     mt_latch *latch;       /* SINK_CLOSE only */
-    size_t len;            /* WRITE: bytes in data[]; SENDFILE: count */
+    size_t len;            /* WRITE: bytes to send; SENDFILE: count */
+    const char *ext;       /* WRITE: the bytes, when not in data[] */
+    void *owner;           /* WRITE with ext: the loop's object holding
+                              them, handed back in MT_DONE_RELEASE */
     int64_t offset;        /* SENDFILE: file offset */
     int file_fd;           /* SENDFILE */
     char data[];
@@ -123,6 +126,7 @@ typedef enum {
                                arrived after it (ECONNABORTED) */
     MT_DONE_ACCEPT,         /* fd, addr */
     MT_DONE_ACCEPT_ERROR,   /* err */
+    MT_DONE_RELEASE,        /* owner: a WRITE's object, for the loop to drop */
 } mt_done_kind;
 
 typedef struct mt_done {
@@ -135,6 +139,7 @@ typedef struct mt_done {
     size_t len;
     socklen_t addrlen;
     struct sockaddr_storage *addr; /* ACCEPT: points into data[] */
+    void *owner;           /* RELEASE */
     char data[];
 } mt_done;
 
@@ -241,9 +246,6 @@ int mt_io_thread_index(mt_io_thread *io);
 
 struct event_base *mt_io_thread_base(mt_io_thread *io);
 mt_io_stats *mt_io_thread_stats(mt_io_thread *io);
-/* A per-thread read buffer of MT_IO_SCRATCH bytes. */
-#define MT_IO_SCRATCH (64 * 1024)
-char *mt_io_thread_scratch(mt_io_thread *io);
 /* Queues a completion; the thread pushes each sink's batch once per
  * iteration. */
 void mt_io_thread_emit(mt_io_thread *io, mt_done *done);

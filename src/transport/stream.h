@@ -20,6 +20,13 @@
  * to the loop but not yet consumed by the protocol. */
 #define MT_READ_CREDIT (256 * 1024)
 
+/* One read() takes at most this much, into a completion record that fills
+ * one 64 KiB block of the buffer pool (a bigger one would fall in the
+ * 128 KiB class, at glibc's mmap threshold).  Reads of at most
+ * MT_READ_COPY_MAX bytes move to a record of their own size. */
+#define MT_READ_MAX ((size_t)(128 * 1024) - sizeof(mt_done))
+#define MT_READ_COPY_MAX 4096
+
 /* Write flow control follows asyncio: the protocol is paused when output
  * the kernel refused exceeds the high-water mark.  Only the I/O thread
  * sees the kernel refuse, so the loop asks it (blocked_mark) and pauses on
@@ -29,6 +36,9 @@
 /* The largest write the loop thread sends itself when the I/O thread
  * sleeps (stream_core.c, direct_send); bigger ones are worth a wakeup. */
 #define MT_DIRECT_SEND_MAX (16 * 1024)
+/* A bytes object at least this long is lent to the I/O thread rather than
+ * copied (stream_core.c, queue_output). */
+#define MT_LEND_MIN (16 * 1024)
 #define MT_WRITE_CAP_MIN (4 * 1024 * 1024)
 
 struct event;

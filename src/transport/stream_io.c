@@ -45,9 +45,30 @@ static void update_read(mt_stream *s)
     set_event(s->read_ev, &s->read_armed, want);
 }
 
+static const char *cmd_bytes(const mt_cmd *c)
+{
+    return c->ext != NULL ? c->ext : c->data;
+}
+
+/* A WRITE is done with (sent or dropped).  Bytes the loop lent (ext) go
+ * back to it for release under the GIL.  `io` is NULL only from destroy,
+ * which never finds lent output: finish_close() drops it on the owning
+ * thread first. */
+static void release_write(mt_io_thread *io, mt_stream *s, mt_cmd *c)
+{
+    if (c->owner != NULL && io != NULL) {
+        mt_done *done = mt_done_new(MT_DONE_RELEASE, &s->obj, 0);
+        if (done != NULL) { /* else the object leaks rather than race the GIL */
+            done->owner = c->owner;
+            mt_io_thread_emit(io, done);
+        }
+    }
+    mt_cmd_free(c);
+}
+
 /* Output that will never be sent still leaves the queue: counting it as
  * flushed brings the loop's write-buffer size back to zero. */
-static void drop_output(mt_stream *s)
+static void drop_output(mt_io_thread *io, mt_stream *s)
 {
     uint64_t dropped = 0;
     while (s->out_head != NULL) {
@@ -55,7 +76,7 @@ static void drop_output(mt_stream *s)
         s->out_head = c->next;
         dropped += c->len - s->out_off;
         s->out_off = 0;
-        mt_cmd_free(c);
+        release_write(io, s, c);
     }
     s->out_tail = NULL;
     s->out_bytes = 0;
@@ -87,7 +108,7 @@ static void finish_close(mt_io_thread *io, mt_stream *s, int err, bool notify)
     if (s->closed)
         return;
     s->closed = true;
-    drop_output(s);
+    drop_output(io, s);
     if (s->sf_active) {
         s->sf_active = false;
         if (notify)
@@ -115,7 +136,7 @@ static void finish_close(mt_io_thread *io, mt_stream *s, int err, bool notify)
 static void write_failed(mt_io_thread *io, mt_stream *s, int err)
 {
     s->write_failed = true;
-    drop_output(s);
+    drop_output(io, s);
     set_event(s->write_ev, &s->write_armed, false);
     emit(io, s, MT_DONE_WRITE_ERROR, err, 0);
     check_drained(io, s);
@@ -130,7 +151,7 @@ static bool flush_output(mt_io_thread *io, mt_stream *s)
         int cnt = 0;
         size_t off = s->out_off;
         for (mt_cmd *c = s->out_head; c != NULL && cnt < MT_MAX_IOV; c = c->next, off = 0) {
-            iov[cnt].iov_base = c->data + off;
+            iov[cnt].iov_base = (char *)cmd_bytes(c) + off;
             iov[cnt].iov_len = c->len - off;
             cnt++;
         }
@@ -175,7 +196,7 @@ static bool flush_output(mt_io_thread *io, mt_stream *s)
             left -= avail;
             s->out_head = c->next;
             s->out_off = 0;
-            mt_cmd_free(c);
+            release_write(io, s, c);
         }
         if (s->out_head == NULL)
             s->out_tail = NULL;
@@ -260,42 +281,55 @@ static bool take_credit(mt_stream *s)
     return false;
 }
 
+/* Reads straight into a completion record the size of one pool block, so
+ * a large read is copied once (kernel to record) before the loop makes
+ * its bytes object.  A short read moves to a record of its own size and
+ * the big one goes back to this thread's pool cache at once. */
 static void on_readable(evutil_socket_t fd, short what, void *arg)
 {
     (void)what;
     mt_stream *s = arg;
     mt_io_thread *io = s->obj.io;
-    char *buf = mt_io_thread_scratch(io);
     for (int round = 0; round < MT_READS_PER_EVENT; round++) {
         if (!take_credit(s))
             return;
-        ssize_t n = read(fd, buf, MT_IO_SCRATCH);
+        mt_done *done = mt_done_new(MT_DONE_DATA, &s->obj, MT_READ_MAX);
+        if (done == NULL) {
+            s->read_done = true;
+            update_read(s);
+            emit(io, s, MT_DONE_READ_ERROR, ENOMEM, 0);
+            return;
+        }
+        ssize_t n = read(fd, done->data, MT_READ_MAX);
         if (n > 0) {
-            mt_done *done = mt_done_new(MT_DONE_DATA, &s->obj, (size_t)n);
-            if (done == NULL) {
-                s->read_done = true;
-                update_read(s);
-                emit(io, s, MT_DONE_READ_ERROR, ENOMEM, 0);
-                return;
+            if ((size_t)n <= MT_READ_COPY_MAX) {
+                mt_done *small = mt_done_new(MT_DONE_DATA, &s->obj, (size_t)n);
+                if (small != NULL) {
+                    memcpy(small->data, done->data, (size_t)n);
+                    mt_done_free(done);
+                    done = small;
+                }
             }
-            memcpy(done->data, buf, (size_t)n);
+            done->len = (size_t)n;
             atomic_fetch_add_explicit(&s->unconsumed, n, memory_order_seq_cst);
             mt_counter_add(&mt_io_thread_stats(io)->bytes_read, (uint64_t)n);
             mt_io_thread_emit(io, done);
-            if (n < MT_IO_SCRATCH)
+            if ((size_t)n < MT_READ_MAX)
                 return;
             continue;
         }
-        if (n < 0 && errno == EINTR)
+        int err = errno;
+        mt_done_free(done);
+        if (n < 0 && err == EINTR)
             continue;
-        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+        if (n < 0 && (err == EAGAIN || err == EWOULDBLOCK))
             return;
         s->read_done = true;
         update_read(s);
         if (n == 0)
             emit(io, s, MT_DONE_EOF, 0, 0);
         else
-            emit(io, s, MT_DONE_READ_ERROR, errno, 0);
+            emit(io, s, MT_DONE_READ_ERROR, err, 0);
         return;
     }
 }
@@ -312,7 +346,7 @@ static void attach(mt_io_thread *io, mt_stream *s)
             event_free(s->write_ev);
         s->read_ev = s->write_ev = NULL;
         s->closed = true;
-        drop_output(s);
+        drop_output(io, s);
         emit(io, s, MT_DONE_CLOSED, ENOMEM, 0);
         return;
     }
@@ -327,7 +361,7 @@ static void stream_command(mt_io_thread *io, mt_io_obj *obj, mt_cmd *cmd)
     if (cmd->kind == MT_CMD_STREAM_WRITE) {
         if (s->closed || s->write_failed) {
             mt_counter_add(&s->flushed, cmd->len);
-            mt_cmd_free(cmd);
+            release_write(io, s, cmd);
             check_drained(io, s);
             return;
         }
@@ -411,7 +445,7 @@ static void stream_drop(mt_io_thread *io, mt_io_obj *obj, bool notify)
 static void stream_destroy(mt_io_obj *obj)
 {
     mt_stream *s = (mt_stream *)obj;
-    drop_output(s);
+    drop_output(NULL, s);
     free(s);
 }
 

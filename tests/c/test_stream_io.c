@@ -638,10 +638,10 @@ static void test_read_credit(void **state)
                  h->in_sent);
     h_quiet(h, QUIET_MS); /* nothing more arrives */
     size_t delivered = h->rx;
-    print_message("stopped after %zu bytes (credit %d, scratch %d); peer sent %zu of %zu\n",
-                  delivered, MT_READ_CREDIT, MT_IO_SCRATCH, h->in_sent, total);
+    print_message("stopped after %zu bytes (credit %d, read size %zu); peer sent %zu of %zu\n",
+                  delivered, MT_READ_CREDIT, MT_READ_MAX, h->in_sent, total);
     assert_true(delivered >= MT_READ_CREDIT);
-    assert_true(delivered <= MT_READ_CREDIT + MT_IO_SCRATCH);
+    assert_true(delivered <= MT_READ_CREDIT + MT_READ_MAX);
     assert_int_equal(atomic_load(&h->s->unconsumed), (int64_t)delivered);
     assert_int_equal(h->rx_bad, 0);
     /* The peer is stuck: the socket is full and nobody reads it. */
