@@ -3,6 +3,7 @@
     python tools/bench.py                 # the quick set, about a minute and a half
     python tools/bench.py --full          # the whole matrix (many minutes)
     python tools/bench.py --smoke         # seconds: checks that it all runs
+    python tools/bench.py --targets       # the scenarios issue #4 sets targets for
     python tools/bench.py --scaling       # mtloop with 1, 2, 4, 8 I/O threads (many cores)
 
 For each scenario, each loop's echo server (tools/bench_server.py, one
@@ -14,12 +15,14 @@ I/O threads) from /proc/PID/task, and its peak RSS.  It writes JSON
 (--json, default build/bench/results.json) and, when matplotlib is
 importable, a PNG chart next to it.  Progress goes to stderr.
 
-Every server runs with MALLOC_TRIM_THRESHOLD_ set (64 MiB), whatever its
-loop: with glibc's default, a server that allocates 64 KiB buffers per
-request lands, run by run, in one of two modes twice apart (17-30 page
-faults per request in the slow one), for asyncio and uvloop as much as for
-mtloop, which drowned the loops' differences.  --malloc-default turns that
-off.
+Every server runs with glibc's heap thresholds fixed, whatever its loop
+(MALLOC_TRIM_THRESHOLD_=64 MiB, MALLOC_MMAP_THRESHOLD_=4 MiB).  With the
+defaults, which glibc moves as a process frees large blocks, a server that
+allocates 64 KiB buffers per request landed, run by run, in one of two
+modes twice apart (17-30 page faults per request in the slow one), for
+asyncio and uvloop as much as for mtloop; and asyncio's 256 KiB recv()
+buffers were mmap()ed afresh per read until its first connection closed.
+--malloc-default leaves glibc's defaults.
 
 A loop named mtloop:N runs mtloop with N I/O threads.  --clients K splits
 the connections over K load generators pinned to the last K CPUs (requests
@@ -76,6 +79,15 @@ FULL = (
        Scenario("heavy 64KiB x16 (50us/req)", size=64 * 1024, connections=16, work_us=50),
        Scenario("idle x10000", connections=10000, idle=True)]
 )
+# The scenarios issue #4 sets targets for, in the order of its table.
+TARGETS = [
+    Scenario("protocol 1KiB x32"),
+    Scenario("protocol 100KiB x32", size=100 * 1024),
+    Scenario("streams 1KiB x32", mode="streams"),
+    Scenario("ping-pong 1KiB x1", connections=1),
+    Scenario("heavy 64KiB x16 (50us/req)", size=64 * 1024, connections=16, work_us=50),
+    Scenario("idle x10000", connections=10000, idle=True),
+]
 SCALING = [
     Scenario("protocol 1KiB x256", connections=256),
     Scenario("protocol 10KiB x256", size=10 * 1024, connections=256),
@@ -339,6 +351,8 @@ def main() -> int:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--full", action="store_true", help="the whole matrix")
     group.add_argument("--smoke", action="store_true", help="a few seconds, to see it runs")
+    group.add_argument("--targets", action="store_true",
+                       help="the scenarios issue #4 sets targets for")
     group.add_argument("--scaling", action="store_true",
                        help="mtloop with 1, 2, 4 and 8 I/O threads beside asyncio and uvloop "
                             "(for a machine with many cores; use with --clients)")
@@ -360,11 +374,12 @@ def main() -> int:
     if args.scaling and args.loops == parser.get_default("loops"):
         args.loops = "asyncio,uvloop,mtloop:1,mtloop:2,mtloop:4,mtloop:8"
     if not args.malloc_default:
-        Server.env = {"MALLOC_TRIM_THRESHOLD_": str(64 * 1024 * 1024)}
+        Server.env = {"MALLOC_TRIM_THRESHOLD_": str(64 * 1024 * 1024),
+                      "MALLOC_MMAP_THRESHOLD_": str(4 * 1024 * 1024)}
     if args.server_cpus:
         Server.cpus = parse_cpus(args.server_cpus)
     scenarios = (FULL if args.full else SMOKE if args.smoke else
-                 SCALING if args.scaling else QUICK)
+                 SCALING if args.scaling else TARGETS if args.targets else QUICK)
     if args.pattern:
         scenarios = [s for s in scenarios if args.pattern in s.name]
     repeat = args.repeat or (1 if args.smoke else 5)

@@ -92,10 +92,7 @@ struct mt_cmd {
     uint8_t pool_cls;      /* buffer-pool class of this record */
     void *target;          /* an mt_io_obj (a reference), or the mt_sink */
     mt_latch *latch;       /* SINK_CLOSE only */
-    size_t len;            /* WRITE: bytes to send; SENDFILE: count */
-    const char *ext;       /* WRITE: the bytes, when not in data[] */
-    void *owner;           /* WRITE with ext: the loop's object holding
-                              them, handed back in MT_DONE_RELEASE */
+    size_t len;            /* WRITE: bytes in data[]; SENDFILE: count */
     int64_t offset;        /* SENDFILE: file offset */
     int file_fd;           /* SENDFILE */
     char data[];
@@ -126,7 +123,6 @@ typedef enum {
                                arrived after it (ECONNABORTED) */
     MT_DONE_ACCEPT,         /* fd, addr */
     MT_DONE_ACCEPT_ERROR,   /* err */
-    MT_DONE_RELEASE,        /* owner: a WRITE's object, for the loop to drop */
 } mt_done_kind;
 
 typedef struct mt_done {
@@ -139,7 +135,6 @@ typedef struct mt_done {
     size_t len;
     socklen_t addrlen;
     struct sockaddr_storage *addr; /* ACCEPT: points into data[] */
-    void *owner;           /* RELEASE */
     char data[];
 } mt_done;
 

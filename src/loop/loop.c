@@ -565,11 +565,8 @@ mt_io_thread *mt_loop_pick_io(mt_loop *loop)
 void mt_loop_post(mt_io_thread *io, mt_cmd *cmd)
 {
     atomic_store_explicit(&cmd->node.next, NULL, memory_order_relaxed);
-    if (!mt_io_thread_post(io, cmd, cmd)) {
-        /* The pool stopped: its threads aborted every transport. */
-        Py_XDECREF((PyObject *)cmd->owner);
-        mt_cmd_free(cmd);
-    }
+    if (!mt_io_thread_post(io, cmd, cmd))
+        mt_cmd_free(cmd); /* the pool stopped: its threads aborted every transport */
 }
 
 /* Makes every I/O thread let go of this loop's transports and listeners,
@@ -599,13 +596,8 @@ static void close_sink(mt_loop *self)
     /* After fork() the parent's threads are gone and nothing drains what
      * they held: it is left as it is. */
     mt_mpsc_node *node;
-    while ((node = mt_mpsc_queue_pop(&self->sink->queue)) != NULL) {
-        mt_done *done = MT_CONTAINER_OF(node, mt_done, node);
-        if (done->kind == MT_DONE_RELEASE)
-            mt_stream_release(done);
-        else
-            mt_done_free(done);
-    }
+    while ((node = mt_mpsc_queue_pop(&self->sink->queue)) != NULL)
+        mt_done_free(MT_CONTAINER_OF(node, mt_done, node));
     mt_stream_core_detach_all(self);
 }
 

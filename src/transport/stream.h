@@ -36,9 +36,6 @@
 /* The largest write the loop thread sends itself when the I/O thread
  * sleeps (stream_core.c, direct_send); bigger ones are worth a wakeup. */
 #define MT_DIRECT_SEND_MAX (16 * 1024)
-/* A bytes object at least this long is lent to the I/O thread rather than
- * copied (stream_core.c, queue_output). */
-#define MT_LEND_MIN (16 * 1024)
 #define MT_WRITE_CAP_MIN (4 * 1024 * 1024)
 
 struct event;

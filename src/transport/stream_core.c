@@ -318,30 +318,17 @@ static size_t direct_send(mt_stream_core *self, const char *buf, size_t len)
     return n > 0 ? (size_t)n : 0;
 }
 
-/* Queues `len` bytes for the I/O thread.  `owner`, when not NULL, is an
- * immutable object holding them (a bytes object): a large write then lends
- * its bytes instead of copying them, and the I/O thread hands the object
- * back (MT_DONE_RELEASE) once they are sent.  For a 64 KiB write that
- * saves the loop thread a copy and a pool block. */
-static PyObject *queue_output(mt_stream_core *self, const void *buf, size_t len,
-                              PyObject *owner)
+static PyObject *queue_output(mt_stream_core *self, const void *buf, size_t len)
 {
     size_t sent = direct_send(self, buf, len);
     if (sent == len)
         Py_RETURN_NONE;
     buf = (const char *)buf + sent;
     len -= sent;
-    bool lend = owner != NULL && len >= MT_LEND_MIN;
-    mt_cmd *cmd = mt_cmd_new(MT_CMD_STREAM_WRITE, &self->stream->obj, lend ? 0 : len);
+    mt_cmd *cmd = mt_cmd_new(MT_CMD_STREAM_WRITE, &self->stream->obj, len);
     if (cmd == NULL)
         return PyErr_NoMemory();
-    if (lend) {
-        cmd->len = len;
-        cmd->ext = buf;
-        cmd->owner = Py_NewRef(owner);
-    } else {
-        memcpy(cmd->data, buf, len);
-    }
+    memcpy(cmd->data, buf, len);
     self->queued += len;
     mt_loop_post(self->stream->obj.io, cmd);
     if (self->protocol_paused)
@@ -397,7 +384,7 @@ static PyObject *core_write(mt_stream_core *self, PyObject *data)
             Py_RETURN_NONE;
         if (self->conn_lost)
             return lost_write(self);
-        return queue_output(self, PyBytes_AS_STRING(data), (size_t)n, data);
+        return queue_output(self, PyBytes_AS_STRING(data), (size_t)n);
     }
     Py_buffer view;
     if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0)
@@ -408,7 +395,7 @@ static PyObject *core_write(mt_stream_core *self, PyObject *data)
     else if (self->conn_lost)
         res = lost_write(self);
     else
-        res = queue_output(self, view.buf, (size_t)view.len, NULL);
+        res = queue_output(self, view.buf, (size_t)view.len);
     PyBuffer_Release(&view);
     return res;
 }
@@ -631,21 +618,11 @@ static int on_closed(mt_stream_core *self, int err)
     return rc;
 }
 
-void mt_stream_release(mt_done *done)
-{
-    Py_XDECREF((PyObject *)done->owner);
-    mt_done_free(done);
-}
-
 int mt_stream_core_dispatch(mt_loop *loop, mt_done *done)
 {
     (void)loop;
     mt_stream *s = (mt_stream *)done->source;
     mt_stream_core *self = s->core;
-    if (done->kind == MT_DONE_RELEASE) {
-        mt_stream_release(done);
-        return 0;
-    }
     if (self == NULL || self->transport == NULL) {
         if (done->kind == MT_DONE_DATA)
             unconsumed_sub(s, done->len);

@@ -48,9 +48,6 @@ int mt_stream_core_type_init(PyObject *module);
 /* Takes `done`.  Returns -1 only for an exception that must leave the run
  * loop (KeyboardInterrupt, SystemExit, or a failing error path). */
 int mt_stream_core_dispatch(mt_loop *loop, mt_done *done);
-/* Drops the object a RELEASE completion hands back, and the completion
- * (also for the loop's closing drain). */
-void mt_stream_release(mt_done *done);
 /* The loop is closing: every open core lets go of its transport and
  * stream. */
 void mt_stream_core_detach_all(mt_loop *loop);

@@ -45,30 +45,9 @@ static void update_read(mt_stream *s)
     set_event(s->read_ev, &s->read_armed, want);
 }
 
-static const char *cmd_bytes(const mt_cmd *c)
-{
-    return c->ext != NULL ? c->ext : c->data;
-}
-
-/* A WRITE is done with (sent or dropped).  Bytes the loop lent (ext) go
- * back to it for release under the GIL.  `io` is NULL only from destroy,
- * which never finds lent output: finish_close() drops it on the owning
- * thread first. */
-static void release_write(mt_io_thread *io, mt_stream *s, mt_cmd *c)
-{
-    if (c->owner != NULL && io != NULL) {
-        mt_done *done = mt_done_new(MT_DONE_RELEASE, &s->obj, 0);
-        if (done != NULL) { /* else the object leaks rather than race the GIL */
-            done->owner = c->owner;
-            mt_io_thread_emit(io, done);
-        }
-    }
-    mt_cmd_free(c);
-}
-
 /* Output that will never be sent still leaves the queue: counting it as
  * flushed brings the loop's write-buffer size back to zero. */
-static void drop_output(mt_io_thread *io, mt_stream *s)
+static void drop_output(mt_stream *s)
 {
     uint64_t dropped = 0;
     while (s->out_head != NULL) {
@@ -76,7 +55,7 @@ static void drop_output(mt_io_thread *io, mt_stream *s)
         s->out_head = c->next;
         dropped += c->len - s->out_off;
         s->out_off = 0;
-        release_write(io, s, c);
+        mt_cmd_free(c);
     }
     s->out_tail = NULL;
     s->out_bytes = 0;
@@ -108,7 +87,7 @@ static void finish_close(mt_io_thread *io, mt_stream *s, int err, bool notify)
     if (s->closed)
         return;
     s->closed = true;
-    drop_output(io, s);
+    drop_output(s);
     if (s->sf_active) {
         s->sf_active = false;
         if (notify)
@@ -136,7 +115,7 @@ static void finish_close(mt_io_thread *io, mt_stream *s, int err, bool notify)
 static void write_failed(mt_io_thread *io, mt_stream *s, int err)
 {
     s->write_failed = true;
-    drop_output(io, s);
+    drop_output(s);
     set_event(s->write_ev, &s->write_armed, false);
     emit(io, s, MT_DONE_WRITE_ERROR, err, 0);
     check_drained(io, s);
@@ -151,7 +130,7 @@ static bool flush_output(mt_io_thread *io, mt_stream *s)
         int cnt = 0;
         size_t off = s->out_off;
         for (mt_cmd *c = s->out_head; c != NULL && cnt < MT_MAX_IOV; c = c->next, off = 0) {
-            iov[cnt].iov_base = (char *)cmd_bytes(c) + off;
+            iov[cnt].iov_base = c->data + off;
             iov[cnt].iov_len = c->len - off;
             cnt++;
         }
@@ -196,7 +175,7 @@ static bool flush_output(mt_io_thread *io, mt_stream *s)
             left -= avail;
             s->out_head = c->next;
             s->out_off = 0;
-            release_write(io, s, c);
+            mt_cmd_free(c);
         }
         if (s->out_head == NULL)
             s->out_tail = NULL;
@@ -346,7 +325,7 @@ static void attach(mt_io_thread *io, mt_stream *s)
             event_free(s->write_ev);
         s->read_ev = s->write_ev = NULL;
         s->closed = true;
-        drop_output(io, s);
+        drop_output(s);
         emit(io, s, MT_DONE_CLOSED, ENOMEM, 0);
         return;
     }
@@ -361,7 +340,7 @@ static void stream_command(mt_io_thread *io, mt_io_obj *obj, mt_cmd *cmd)
     if (cmd->kind == MT_CMD_STREAM_WRITE) {
         if (s->closed || s->write_failed) {
             mt_counter_add(&s->flushed, cmd->len);
-            release_write(io, s, cmd);
+            mt_cmd_free(cmd);
             check_drained(io, s);
             return;
         }
@@ -445,7 +424,7 @@ static void stream_drop(mt_io_thread *io, mt_io_obj *obj, bool notify)
 static void stream_destroy(mt_io_obj *obj)
 {
     mt_stream *s = (mt_stream *)obj;
-    drop_output(NULL, s);
+    drop_output(s);
     free(s);
 }
 
