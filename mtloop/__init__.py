@@ -27,8 +27,8 @@ def new_event_loop(*, io_threads: int | None = None) -> Loop:
 
     ``io_threads`` is how many of the process's I/O threads the loop
     spreads its connections over (the pool grows to at least that many);
-    by default $MTLOOP_IO_THREADS, or the CPU count less one (at least 1,
-    at most 8)."""
+    by default $MTLOOP_IO_THREADS, or the number of CPUs the process may
+    run on (its affinity mask) less one (at least 1, at most 8)."""
     return Loop(io_threads=io_threads)
 
 

@@ -42,11 +42,11 @@ def _core_flag(name: str, doc: str) -> property:
 class SocketTransport(transports._FlowControlMixin, transports.Transport):
     """A TCP or Unix stream transport driven by an mtloop I/O thread."""
 
-    # write() and writelines() are the C core's own bound methods, stored per
-    # instance, so a protocol's transport.write(data) runs no Python frame.
+    # write() is the C core's own bound method, stored per instance, so a
+    # protocol's transport.write(data) runs no Python frame (writelines() is
+    # rarer and not worth the 72 bytes per connection).
     __slots__ = {
         "write": "write(data): queue bytes-like data to be sent to the socket.",
-        "writelines": "writelines(list_of_data): write each item, joined first.",
         "_core": None, "_sock": None, "_sock_fd": None, "_server": None,
         "_lost_scheduled": None, "__weakref__": None,
     }
@@ -68,7 +68,6 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
         self._lost_scheduled = False
         self._core = _mtloop.StreamCore(loop, sock.fileno(), self, protocol)
         self.write = self._core.write
-        self.writelines = self._core.writelines
         super().__init__(extra, loop)
         self._extra["socket"] = trsock.TransportSocket(sock)
         try:
@@ -162,6 +161,9 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
             logger.debug("%r resumes reading", self)
 
     # ---- asyncio.WriteTransport ----------------------------------------
+
+    def writelines(self, list_of_data: Any) -> None:
+        self._core.writelines(list_of_data)
 
     def write_eof(self) -> None:
         core = self._core

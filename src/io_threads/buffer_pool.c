@@ -68,6 +68,8 @@ static uint32_t batch_of(uint8_t cls)
 static size_t depot_cap(uint8_t cls)
 {
     size_t n = MT_POOL_DEPOT_BYTES / mt_pool_class_size(cls);
+    if (n > MT_POOL_DEPOT_BLOCKS)
+        n = MT_POOL_DEPOT_BLOCKS;
     return n < batch_of(cls) ? batch_of(cls) : n;
 }
 

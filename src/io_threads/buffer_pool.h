@@ -11,8 +11,10 @@
  * to malloc.  Each thread keeps a small cache per class and trades whole
  * batches with a shared depot under a per-class mutex, so a block freed by
  * the loop thread comes back to the I/O thread that reads into it without
- * a lock per block.  The depot keeps at most MT_POOL_DEPOT_BYTES per class;
- * the rest goes back to malloc.
+ * a lock per block.  The depot keeps at most MT_POOL_DEPOT_BYTES and at
+ * most MT_POOL_DEPOT_BLOCKS blocks per class; the rest goes back to malloc.
+ * (Without the block cap, the small records of a storm of 10,000 accepted
+ * connections stayed in the depot: 0.5 KiB of RSS per idle connection.)
  *
  * Any thread may allocate and free; a thread's cache goes back to the
  * depot when the thread exits (blocks a later thread-exit hook frees stay
@@ -29,6 +31,7 @@
 #define MT_POOL_CLASSES (MT_POOL_MAX_SHIFT - MT_POOL_MIN_SHIFT + 1)
 #define MT_POOL_NONE 0xff     /* the class of a block malloc gave */
 #define MT_POOL_DEPOT_BYTES (4u * 1024 * 1024)
+#define MT_POOL_DEPOT_BLOCKS 256u
 
 /* A block of at least `size` bytes, or NULL (errno ENOMEM).  `*cls` gets
  * the class to pass back to mt_pool_free(). */

@@ -5,6 +5,7 @@
 #include "io_threads/buffer_pool.h"
 
 #include <errno.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -541,7 +542,13 @@ int mt_runtime_default_size(void)
         if (*end == '\0' && v >= 1 && v <= MT_IO_THREADS_MAX)
             return (int)v;
     }
-    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    /* The CPUs this process may run on (taskset, cgroup cpusets), not all
+     * the machine has: eight threads squeezed onto two allowed CPUs cost
+     * twice the CPU per request of one. */
+    cpu_set_t allowed;
+    long cpus = sched_getaffinity(0, sizeof(allowed), &allowed) == 0
+                    ? CPU_COUNT(&allowed)
+                    : sysconf(_SC_NPROCESSORS_ONLN);
     /* One core stays with the loop thread; beyond 8 a single loop cannot
      * feed more I/O threads than it already has. */
     long n = cpus - 1;

@@ -83,10 +83,13 @@ static uint64_t expected_batch(size_t class_size)
     return n < 2 ? 2 : n > 32 ? 32 : n;
 }
 
-/* Blocks of one class the depot keeps (MT_POOL_DEPOT_BYTES worth). */
+/* Blocks of one class the depot keeps (MT_POOL_DEPOT_BYTES worth, at most
+ * MT_POOL_DEPOT_BLOCKS). */
 static uint64_t expected_cap(size_t class_size)
 {
     uint64_t n = MT_POOL_DEPOT_BYTES / class_size;
+    if (n > MT_POOL_DEPOT_BLOCKS)
+        n = MT_POOL_DEPOT_BLOCKS;
     uint64_t b = expected_batch(class_size);
     return n < b ? b : n;
 }
