@@ -304,6 +304,38 @@ def report(results: dict[str, dict[str, dict]], loops: list[str]) -> str:
     return "\n".join(lines)
 
 
+def markdown(results: dict[str, dict[str, dict]], loops: list[str]) -> str:
+    """The README's form: one row per scenario, req/s per loop, and mtloop's
+    ratios (req/s and p99 against uvloop; its loop thread's CPU per request
+    against uvloop's whole process)."""
+    mt = next((lp for lp in loops if lp.startswith("mtloop")), None)
+    head = ["scenario"] + [f"{lp} req/s" for lp in loops]
+    if mt and "uvloop" in loops:
+        head += [f"{mt}/uvloop req/s", f"{mt}/uvloop p99", "loop-thread CPU/req vs uvloop"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    idle_rows = []
+    for name, per_loop in results.items():
+        med = {lp: d["median"] for lp, d in per_loop.items()}
+        if "rss_per_conn_kib" in next(iter(med.values())):
+            idle_rows.append(f"| {name} | " + " | ".join(
+                f"{med[lp]['rss_per_conn_kib']:.2f} KiB/conn, {med[lp]['idle_cpu_pct']:.2f}% CPU"
+                if lp in med else "-" for lp in loops) + " |")
+            continue
+        row = [name] + [f"{med[lp]['rps']:,.0f}" if lp in med else "-" for lp in loops]
+        if mt and "uvloop" in loops:
+            if mt in med and "uvloop" in med:
+                u, m = med["uvloop"], med[mt]
+                row += [f"{m['rps'] / u['rps']:.2f}x", f"{m['p99_us'] / u['p99_us']:.2f}x",
+                        f"{m['loop_cpu_us_per_req'] / u['cpu_us_per_req']:.2f}x"]
+            else:
+                row += ["-"] * 3
+        lines.append("| " + " | ".join(row) + " |")
+    if idle_rows:
+        lines += ["", "| idle | " + " | ".join(loops) + " |", "|" + "---|" * (len(loops) + 1)]
+        lines += idle_rows
+    return "\n".join(lines)
+
+
 def chart(results: dict[str, dict[str, dict]], loops: list[str], path: Path) -> bool:
     try:
         import matplotlib
@@ -367,10 +399,23 @@ def main() -> int:
                         help="CPUs for the servers, e.g. 0-9 (default: unpinned)")
     parser.add_argument("--loadgen", type=Path, default=None,
                         help="a built mtloop-loadgen (default: build it with CMake)")
+    parser.add_argument("--markdown", action="store_true",
+                        help="also print the results as the README's markdown table")
+    parser.add_argument("--report", type=Path, default=None,
+                        help="print the report of an earlier run's JSON and exit")
     parser.add_argument("--malloc-default", action="store_true",
                         help="leave glibc's heap trimming at its default (see above)")
     args = parser.parse_args()
 
+    if args.report is not None:
+        saved = json.loads(args.report.read_text())
+        order = [lp for lp in ("asyncio", "uvloop", "rloop") if any(
+            lp in per for per in saved["results"].values())]
+        order += sorted({lp for per in saved["results"].values() for lp in per} - set(order))
+        print(report(saved["results"], order))
+        print()
+        print(markdown(saved["results"], order))
+        return 0
     if args.scaling and args.loops == parser.get_default("loops"):
         args.loops = "asyncio,uvloop,mtloop:1,mtloop:2,mtloop:4,mtloop:8"
     if not args.malloc_default:
@@ -424,6 +469,9 @@ def main() -> int:
     print(f"machine: {machine['cpus']} CPUs, {machine['platform']}, Python {machine['python']}; "
           f"medians of {repeat} interleaved runs of {seconds:g} s")
     print(text)
+    if args.markdown:
+        print()
+        print(markdown(results, loops))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"machine": machine, "repeat": repeat, "seconds": seconds,
                                      "results": results}, indent=1))
