@@ -14,18 +14,7 @@ import asyncio
 import os
 import socket
 
-import pytest
-
-
-def recv_exact(sock, n):
-    chunks, got = [], 0
-    while got < n:
-        chunk = sock.recv(min(1 << 20, n - got))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        got += len(chunk)
-    return b"".join(chunks)
+from netutil import recv_exactly
 
 
 class Keep(asyncio.Protocol):
@@ -42,13 +31,14 @@ class Keep(asyncio.Protocol):
 
 async def server_side(loop, rcvbuf=None):
     """(transport, protocol, peer): a server transport on `loop` and a
-    blocking peer socket that reads only when told to."""
+    peer socket that reads only when told to."""
     proto = Keep(loop)
     server = await loop.create_server(lambda: proto, "127.0.0.1", 0)
     peer = socket.socket()
     if rcvbuf:
         peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     peer.connect(server.sockets[0].getsockname())
+    peer.setblocking(False)
     transport = await asyncio.wait_for(proto.made, 10)
     server.close()
     return transport, proto, peer
@@ -67,7 +57,7 @@ def test_mixed_sizes_arrive_in_order(loop, run):
         with peer:
             for piece in pieces:
                 transport.write(piece)
-            got = await loop.run_in_executor(None, recv_exact, peer, len(expected))
+            got = await recv_exactly(loop, peer, len(expected))
             transport.close()
         return got
 
@@ -91,14 +81,13 @@ def test_idle_and_busy_writes_keep_order(loop, run):
             transport.write(small[1])            # behind the pending output
             await asyncio.sleep(0.05)
             transport.write(small[2])
-            got = await loop.run_in_executor(
-                None, recv_exact, peer, len(small[0]) + len(large) + 2 * 300)
+            got = await recv_exactly(loop, peer, len(small[0]) + len(large) + 2 * 300)
             await asyncio.sleep(0.05)            # drained and idle
             transport.write(small[3])
             transport.write(small[4])
             await asyncio.sleep(0)
             transport.write(small[5])
-            got += await loop.run_in_executor(None, recv_exact, peer, 3 * 300)
+            got += await recv_exactly(loop, peer, 3 * 300)
             transport.close()
         return got
 
@@ -120,7 +109,7 @@ def test_mutable_buffers_are_copied_at_write(loop, run):
             transport.write(small)                # behind it
             small[:] = bytes(len(small))
             big[:] = bytes(len(big))
-            got = await loop.run_in_executor(None, recv_exact, peer, len(expected))
+            got = await recv_exactly(loop, peer, len(expected))
             transport.close()
         return got
 
