@@ -39,21 +39,37 @@ def _core_flag(name: str, doc: str) -> property:
     return property(get, set, doc=doc)
 
 
-class SocketTransport(transports._FlowControlMixin, transports.Transport):
+_SOCKNAMES: dict[Any, Any] = {}
+
+
+def _share_sockname(addr: Any) -> Any:
+    """One tuple for equal local addresses: every connection a listener
+    accepts has the listener's address, and a tuple a connection costs
+    about 150 bytes.  The table is small and bounded."""
+    try:
+        shared = _SOCKNAMES.setdefault(addr, addr)
+    except TypeError:
+        return addr
+    if len(_SOCKNAMES) > 256:
+        _SOCKNAMES.clear()
+    return shared
+
+
+class SocketTransport(_mtloop.StreamWriteMethods, transports._FlowControlMixin,
+                      transports.Transport):
     """A TCP or Unix stream transport driven by an mtloop I/O thread."""
 
-    # write() is the C core's own bound method, stored per instance, so a
-    # protocol's transport.write(data) runs no Python frame (writelines() is
-    # rarer and not worth the 72 bytes per connection).
+    # write() and writelines() come from StreamWriteMethods, in C: a
+    # protocol's transport.write(data) runs no Python frame.
     __slots__ = {
-        "write": "write(data): queue bytes-like data to be sent to the socket.",
-        "_core": None, "_sock": None, "_sock_fd": None, "_server": None,
+        "_core": None, "_sock": None, "_server": None,
         "_lost_scheduled": None, "__weakref__": None,
     }
 
     _sendfile_compatible = constants._SendfileMode.TRY_NATIVE
 
     # asyncio's attribute names, kept in the C core so both halves agree.
+    _sock_fd = property(lambda self: self._core.fd, doc="The socket's file descriptor.")
     _closing = _core_flag("closing", "close() or abort() was called.")
     _eof = _core_flag("eof", "write_eof() was called.")
     _conn_lost = _core_flag("conn_lost", "Writes attempted after the connection was lost.")
@@ -67,20 +83,18 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
         self._server = None
         self._lost_scheduled = False
         self._core = _mtloop.StreamCore(loop, sock.fileno(), self, protocol)
-        self.write = self._core.write
         super().__init__(extra, loop)
-        self._extra["socket"] = trsock.TransportSocket(sock)
         try:
-            self._extra["sockname"] = sock.getsockname()
+            sockname = sock.getsockname()
         except OSError:
-            self._extra["sockname"] = None
+            sockname = None
+        self._extra["sockname"] = _share_sockname(sockname) if server is not None else sockname
         if "peername" not in self._extra:
             try:
                 self._extra["peername"] = sock.getpeername()
             except OSError:
                 self._extra["peername"] = None
         self._sock = sock
-        self._sock_fd = sock.fileno()
         self._server = server
         if server is not None:
             if _ATTACH_TAKES_TRANSPORT:
@@ -115,6 +129,13 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
                 self._detach_server()
 
     # ---- asyncio.BaseTransport ------------------------------------------
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        # The "socket" entry is made on first use (or when the connection
+        # is lost): an idle connection need not carry its TransportSocket.
+        if name == "socket" and "socket" not in self._extra and self._sock is not None:
+            self._extra["socket"] = trsock.TransportSocket(self._sock)
+        return self._extra.get(name, default)
 
     def is_closing(self) -> bool:
         return self._core.closing
@@ -161,9 +182,6 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
             logger.debug("%r resumes reading", self)
 
     # ---- asyncio.WriteTransport ----------------------------------------
-
-    def writelines(self, list_of_data: Any) -> None:
-        self._core.writelines(list_of_data)
 
     def write_eof(self) -> None:
         core = self._core
@@ -250,6 +268,7 @@ class SocketTransport(transports._FlowControlMixin, transports.Transport):
         finally:
             sock, self._sock = self._sock, None
             if sock is not None:
+                self._extra.setdefault("socket", trsock.TransportSocket(sock))
                 if self._core.closed:
                     sock.close()
                 else:

@@ -6,6 +6,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <stddef.h>
+#include <string.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -15,24 +16,50 @@ typedef struct {
     mt_listener *listener;  /* a reference; its obj.io is the accepting thread */
     PyObject *on_accept;    /* on_accept(fd, address) */
     PyObject *on_error;     /* on_error(errno) */
+    PyObject *last_host;    /* the previous peer's host string, shared with
+                               the next peer from the same host */
     bool closed;
 } mt_listener_obj;
 
-/* A socket address as the socket module returns it, or NULL. */
-static PyObject *sockaddr_to_py(const struct sockaddr *sa, socklen_t len)
+/* The host string for `text`: the previous peer's object when it is the
+ * same host (many connections come from few hosts; each string is about
+ * 60 bytes a connection kept in peername).  New reference or NULL. */
+static PyObject *peer_host(mt_listener_obj *self, const char *text)
 {
-    char host[INET6_ADDRSTRLEN];
+    const char *prev = self->last_host != NULL ? PyUnicode_AsUTF8(self->last_host) : NULL;
+    if (prev != NULL && strcmp(prev, text) == 0)
+        return Py_NewRef(self->last_host);
+    PyErr_Clear(); /* an unencodable previous host only means no sharing */
+    PyObject *host = PyUnicode_FromString(text);
+    if (host != NULL)
+        Py_XSETREF(self->last_host, Py_NewRef(host));
+    return host;
+}
+
+/* A socket address as the socket module returns it, or NULL. */
+static PyObject *sockaddr_to_py(mt_listener_obj *self, const struct sockaddr *sa, socklen_t len)
+{
+    char text[INET6_ADDRSTRLEN];
+    PyObject *host, *addr;
     switch (sa->sa_family) {
     case AF_INET: {
         const struct sockaddr_in *in = (const struct sockaddr_in *)sa;
-        inet_ntop(AF_INET, &in->sin_addr, host, sizeof(host));
-        return Py_BuildValue("(si)", host, ntohs(in->sin_port));
+        inet_ntop(AF_INET, &in->sin_addr, text, sizeof(text));
+        if ((host = peer_host(self, text)) == NULL)
+            return NULL;
+        addr = Py_BuildValue("(Oi)", host, ntohs(in->sin_port));
+        Py_DECREF(host);
+        return addr;
     }
     case AF_INET6: {
         const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)sa;
-        inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof(host));
-        return Py_BuildValue("(siII)", host, ntohs(in6->sin6_port),
+        inet_ntop(AF_INET6, &in6->sin6_addr, text, sizeof(text));
+        if ((host = peer_host(self, text)) == NULL)
+            return NULL;
+        addr = Py_BuildValue("(OiII)", host, ntohs(in6->sin6_port),
                              (unsigned)ntohl(in6->sin6_flowinfo), (unsigned)in6->sin6_scope_id);
+        Py_DECREF(host);
+        return addr;
     }
     case AF_UNIX: {
         const struct sockaddr_un *un = (const struct sockaddr_un *)sa;
@@ -72,7 +99,7 @@ int mt_listener_core_dispatch(mt_loop *loop, mt_done *done)
     int rc = 0;
     PyObject *res = NULL;
     if (done->kind == MT_DONE_ACCEPT) {
-        PyObject *addr = sockaddr_to_py((struct sockaddr *)done->addr, done->addrlen);
+        PyObject *addr = sockaddr_to_py(self, (struct sockaddr *)done->addr, done->addrlen);
         if (addr != NULL) {
             int fd = done->fd;
             done->fd = -1; /* the callback owns it now */
@@ -151,6 +178,7 @@ static int listener_traverse(mt_listener_obj *self, visitproc visit, void *arg)
     Py_VISIT(self->loop);
     Py_VISIT(self->on_accept);
     Py_VISIT(self->on_error);
+    Py_VISIT(self->last_host);
     return 0;
 }
 
@@ -158,6 +186,7 @@ static int listener_clear(mt_listener_obj *self)
 {
     Py_CLEAR(self->on_accept);
     Py_CLEAR(self->on_error);
+    Py_CLEAR(self->last_host);
     return 0;
 }
 

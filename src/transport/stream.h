@@ -47,17 +47,22 @@ typedef struct mt_stream {
     mt_io_obj obj;
 
     int fd;                          /* immutable */
+    int sf_fd;                       /* the owning I/O thread only (sendfile) */
 
     /* Shared. */
-    _Atomic int64_t unconsumed;      /* I/O adds on delivery, loop subtracts on use */
     _Atomic bool read_starved;       /* I/O stopped reading for credit; loop clears */
+    _Atomic int64_t unconsumed;      /* I/O adds on delivery, loop subtracts on use */
     _Atomic uint64_t flushed;        /* output bytes sent or dropped; I/O writes */
     _Atomic uint64_t resume_at;      /* loop: report DRAINED once flushed >= this */
     _Atomic uint64_t blocked_mark;   /* loop: report BLOCKED once the socket is full
                                         with more than mark-1 bytes waiting; 0 none */
+    _Atomic int write_err;           /* the first hard send error, set (once) by
+                                        whichever thread saw it; the loop's next
+                                        write() fails at once, as asyncio's does */
 
     /* The owning I/O thread only. */
-    struct event *read_ev, *write_ev;
+    struct event *ev;                /* one event; read_armed/write_armed say
+                                        what it is assigned and added for */
     mt_cmd *out_head, *out_tail;     /* WRITE commands, in order */
     uint64_t out_bytes;              /* bytes in them not sent yet */
     size_t out_off;                  /* bytes of out_head already sent */
@@ -67,7 +72,6 @@ typedef struct mt_stream {
     bool own_fd;                     /* close fd once released */
     bool sf_active;                  /* a sendfile is queued or running; the
                                         loop sends no WRITE until it ends */
-    int sf_fd;
     int64_t sf_offset;
     size_t sf_left, sf_done;
 

@@ -2,6 +2,7 @@
  * stream_core.h; the Python half is mtloop/_transports.py. */
 #include "transport/stream_core.h"
 
+#include <errno.h>
 #include <structmember.h>
 #include <sys/socket.h>
 
@@ -315,14 +316,44 @@ static size_t direct_send(mt_stream_core *self, const char *buf, size_t len)
     if (!mt_io_thread_sleeping(s->obj.io) || mt_io_thread_stopped(s->obj.io))
         return 0;
     ssize_t n = send(s->fd, buf, len, MSG_NOSIGNAL | MSG_DONTWAIT);
-    return n > 0 ? (size_t)n : 0;
+    if (n > 0)
+        return (size_t)n;
+    if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR &&
+        errno != ENOTSOCK) {
+        /* A hard error: write() fails now, as asyncio's does.  The error
+         * may be the socket's pending one (a reset), which this send()
+         * consumed: left to the I/O thread, a later read would see a clean
+         * EOF instead. */
+        int none = 0;
+        atomic_compare_exchange_strong(&s->write_err, &none, errno);
+    }
+    return 0;
+}
+
+/* The stream saw a hard send error (here or on its I/O thread): the write
+ * is dropped and the transport fails with that error, once, as asyncio's
+ * write() fails when send() does.  Without this, a writer that never
+ * yields would write into a dead connection forever, the I/O thread
+ * dropping each write as it came. */
+static bool write_broken(mt_stream_core *self, PyObject **res)
+{
+    int err = atomic_load_explicit(&self->stream->write_err, memory_order_acquire);
+    if (err == 0)
+        return false;
+    *res = call_transport(self, "_mt_write_error", "(i)", err) < 0 ? NULL : Py_NewRef(Py_None);
+    return true;
 }
 
 static PyObject *queue_output(mt_stream_core *self, const void *buf, size_t len)
 {
+    PyObject *res;
+    if (write_broken(self, &res))
+        return res;
     size_t sent = direct_send(self, buf, len);
     if (sent == len)
         Py_RETURN_NONE;
+    if (write_broken(self, &res))
+        return res;
     buf = (const char *)buf + sent;
     len -= sent;
     mt_cmd *cmd = mt_cmd_new(MT_CMD_STREAM_WRITE, &self->stream->obj, len);
@@ -871,8 +902,100 @@ PyTypeObject mt_StreamCoreType = {
     .tp_members = core_members,
 };
 
+/* ---- the transport's write methods ------------------------------------------
+ *
+ * A field-less base class of mtloop's Python transport.  Its write() and
+ * writelines() are method descriptors, so `transport.write(data)` calls C
+ * directly, with no Python frame and no bound-method object kept per
+ * connection (a per-instance bound method cost 72 bytes of every idle
+ * connection). */
+
+static PyObject *core_attr; /* interned "_core" */
+
+/* Where the `_core` slot sits in instances of the last transport class
+ * seen: a member descriptor's offset, so the hot path reads one pointer
+ * instead of looking the attribute up (which cost as much as the Python
+ * method this replaces).  0: look it up. */
+static PyTypeObject *core_slot_type; /* strong */
+static Py_ssize_t core_slot_offset;
+
+static Py_ssize_t core_slot(PyTypeObject *type)
+{
+    if (type == core_slot_type)
+        return core_slot_offset;
+    PyObject *descr = PyObject_GetAttr((PyObject *)type, core_attr);
+    Py_ssize_t offset = 0;
+    if (descr != NULL && Py_IS_TYPE(descr, &PyMemberDescr_Type) &&
+        ((PyMemberDescrObject *)descr)->d_member->type == T_OBJECT_EX)
+        offset = ((PyMemberDescrObject *)descr)->d_member->offset;
+    Py_XDECREF(descr);
+    PyErr_Clear();
+    Py_XSETREF(core_slot_type, (PyTypeObject *)Py_NewRef((PyObject *)type));
+    core_slot_offset = offset;
+    return offset;
+}
+
+static mt_stream_core *transport_core(PyObject *transport)
+{
+    Py_ssize_t offset = core_slot(Py_TYPE(transport));
+    if (offset > 0) {
+        PyObject *core = *(PyObject **)((char *)transport + offset);
+        if (core != NULL && Py_IS_TYPE(core, &mt_StreamCoreType))
+            return (mt_stream_core *)Py_NewRef(core);
+    }
+    PyObject *core = PyObject_GetAttr(transport, core_attr);
+    if (core != NULL && !PyObject_TypeCheck(core, &mt_StreamCoreType)) {
+        PyErr_SetString(PyExc_TypeError, "transport has no stream core");
+        Py_CLEAR(core);
+    }
+    return (mt_stream_core *)core;
+}
+
+static PyObject *transport_write(PyObject *transport, PyObject *data)
+{
+    mt_stream_core *core = transport_core(transport);
+    if (core == NULL)
+        return NULL;
+    PyObject *res = core_write(core, data);
+    Py_DECREF(core);
+    return res;
+}
+
+static PyObject *transport_writelines(PyObject *transport, PyObject *seq)
+{
+    mt_stream_core *core = transport_core(transport);
+    if (core == NULL)
+        return NULL;
+    PyObject *res = core_writelines(core, seq);
+    Py_DECREF(core);
+    return res;
+}
+
+static PyMethodDef transport_methods[] = {
+    {"write", (PyCFunction)transport_write, METH_O,
+     "write(data): queue bytes-like data to be sent to the socket."},
+    {"writelines", (PyCFunction)transport_writelines, METH_O,
+     "writelines(list_of_data): write the items, joined."},
+    {NULL, NULL, 0, NULL},
+};
+
+PyTypeObject mt_StreamWriteMethodsType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "mtloop._mtloop.StreamWriteMethods",
+    .tp_doc = "write() and writelines() of mtloop's stream transport, in C.",
+    .tp_basicsize = sizeof(PyObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_new = PyType_GenericNew,
+    .tp_methods = transport_methods,
+};
+
 int mt_stream_core_type_init(PyObject *module)
 {
+    core_attr = PyUnicode_InternFromString("_core");
+    if (core_attr == NULL || PyType_Ready(&mt_StreamWriteMethodsType) < 0 ||
+        PyModule_AddObjectRef(module, "StreamWriteMethods",
+                              (PyObject *)&mt_StreamWriteMethodsType) < 0)
+        return -1;
     PyObject *asyncio = PyImport_ImportModule("asyncio");
     if (asyncio == NULL)
         return -1;

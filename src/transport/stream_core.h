@@ -27,6 +27,8 @@ struct mt_stream_core {
     /* asyncio's transport state, shared with the Python class. */
     bool closing, eof, reading_paused, reading_started, protocol_paused;
     bool closed;                /* the I/O thread let go of the fd */
+    bool redelivery_scheduled;  /* (grouped with the flags: 16 bytes less
+                                   a connection) */
     int conn_lost;
     Py_ssize_t high_water, low_water;
     uint64_t queued;            /* bytes handed to WRITE commands */
@@ -35,9 +37,9 @@ struct mt_stream_core {
                                    paused, so it drops to the low mark in the
                                    same step as resume_writing() */
 
-    /* Read completions held back while reading is paused. */
+    /* Read completions held back while reading is paused (see
+     * redelivery_scheduled above). */
     mt_done *deferred_head, *deferred_tail;
-    bool redelivery_scheduled;
 
     mt_stream_core *live_prev, *live_next; /* the loop's open transports */
 };

@@ -27,22 +27,36 @@ static void emit(mt_io_thread *io, mt_stream *s, mt_done_kind kind, int err, siz
     mt_io_thread_emit(io, done);
 }
 
-static void set_event(struct event *ev, bool *armed, bool want)
+static void on_event(evutil_socket_t fd, short what, void *arg);
+
+/* One libevent event serves both directions (a second one cost about 170
+ * bytes a connection): it is re-assigned with the interest wanted, which
+ * changes only when reading starts or stops or the socket fills up. */
+static void set_interest(mt_stream *s, bool read, bool write)
 {
-    if (want == *armed)
+    if (read == s->read_armed && write == s->write_armed)
         return;
-    if (want)
-        event_add(ev, NULL);
-    else
-        event_del(ev);
-    *armed = want;
+    if (s->read_armed || s->write_armed)
+        event_del(s->ev);
+    s->read_armed = read;
+    s->write_armed = write;
+    if (read || write) {
+        short what = (short)((read ? EV_READ : 0) | (write ? EV_WRITE : 0) | EV_PERSIST);
+        event_assign(s->ev, mt_io_thread_base(s->obj.io), s->fd, what, on_event, s);
+        event_add(s->ev, NULL);
+    }
+}
+
+static void arm_write(mt_stream *s, bool want)
+{
+    set_interest(s, s->read_armed, want);
 }
 
 static void update_read(mt_stream *s)
 {
     bool want = s->attached && s->want_read && !s->starved && !s->read_done && !s->closing &&
                 !s->closed;
-    set_event(s->read_ev, &s->read_armed, want);
+    set_interest(s, want, s->write_armed);
 }
 
 /* Output that will never be sent still leaves the queue: counting it as
@@ -94,9 +108,8 @@ static void finish_close(mt_io_thread *io, mt_stream *s, int err, bool notify)
             emit(io, s, MT_DONE_SENDFILE, ECONNABORTED, s->sf_done);
     }
     if (s->attached) {
-        event_free(s->read_ev);
-        event_free(s->write_ev);
-        s->read_ev = s->write_ev = NULL;
+        event_free(s->ev);
+        s->ev = NULL;
         s->read_armed = s->write_armed = false;
         atomic_fetch_sub_explicit(&mt_io_thread_stats(io)->transports, 1, memory_order_relaxed);
     }
@@ -114,9 +127,11 @@ static void finish_close(mt_io_thread *io, mt_stream *s, int err, bool notify)
 
 static void write_failed(mt_io_thread *io, mt_stream *s, int err)
 {
+    int none = 0;
+    atomic_compare_exchange_strong(&s->write_err, &none, err);
     s->write_failed = true;
     drop_output(s);
-    set_event(s->write_ev, &s->write_armed, false);
+    arm_write(s, false);
     emit(io, s, MT_DONE_WRITE_ERROR, err, 0);
     check_drained(io, s);
 }
@@ -140,7 +155,7 @@ static bool flush_output(mt_io_thread *io, mt_stream *s)
             if (errno == EINTR)
                 continue;
             if (errno == EAGAIN || errno == EWOULDBLOCK) {
-                set_event(s->write_ev, &s->write_armed, true);
+                arm_write(s, true);
                 check_blocked(io, s);
                 return false;
             }
@@ -149,7 +164,7 @@ static bool flush_output(mt_io_thread *io, mt_stream *s)
                 n = writev(s->fd, iov, cnt);
                 if (n < 0) {
                     if (errno == EAGAIN) {
-                        set_event(s->write_ev, &s->write_armed, true);
+                        arm_write(s, true);
                         check_blocked(io, s);
                         return false;
                     }
@@ -204,7 +219,7 @@ static bool run_sendfile(mt_io_thread *io, mt_stream *s)
         if (errno == EINTR)
             continue;
         if (errno == EAGAIN) {
-            set_event(s->write_ev, &s->write_armed, true);
+            arm_write(s, true);
             return false;
         }
         err = errno;
@@ -225,7 +240,7 @@ static void pump_output(mt_io_thread *io, mt_stream *s)
         return;
     if (s->sf_active && !s->write_failed && !run_sendfile(io, s))
         return;
-    set_event(s->write_ev, &s->write_armed, false);
+    arm_write(s, false);
     if (s->shut_wr_pending && !s->write_failed) {
         s->shut_wr_pending = false;
         shutdown(s->fd, SHUT_WR);
@@ -234,13 +249,6 @@ static void pump_output(mt_io_thread *io, mt_stream *s)
         finish_close(io, s, 0, true);
 }
 
-static void on_writable(evutil_socket_t fd, short what, void *arg)
-{
-    (void)fd;
-    (void)what;
-    mt_stream *s = arg;
-    pump_output(s->obj.io, s);
-}
 
 static bool take_credit(mt_stream *s)
 {
@@ -313,17 +321,24 @@ static void on_readable(evutil_socket_t fd, short what, void *arg)
     }
 }
 
+/* Writable first: flushing may close the stream, and then there is nothing
+ * to read into.  The reference keeps the record alive across both. */
+static void on_event(evutil_socket_t fd, short what, void *arg)
+{
+    mt_stream *s = arg;
+    mt_io_obj_incref(&s->obj);
+    if (what & EV_WRITE)
+        pump_output(s->obj.io, s);
+    if ((what & EV_READ) && s->read_armed && !s->closed)
+        on_readable(fd, what, s);
+    mt_io_obj_decref(&s->obj);
+}
+
 static void attach(mt_io_thread *io, mt_stream *s)
 {
-    struct event_base *base = mt_io_thread_base(io);
-    s->read_ev = event_new(base, s->fd, EV_READ | EV_PERSIST, on_readable, s);
-    s->write_ev = event_new(base, s->fd, EV_WRITE | EV_PERSIST, on_writable, s);
-    if (s->read_ev == NULL || s->write_ev == NULL) {
-        if (s->read_ev)
-            event_free(s->read_ev);
-        if (s->write_ev)
-            event_free(s->write_ev);
-        s->read_ev = s->write_ev = NULL;
+    /* Assigned for real when reading or writing first needs it. */
+    s->ev = event_new(mt_io_thread_base(io), s->fd, EV_READ | EV_PERSIST, on_event, s);
+    if (s->ev == NULL) {
         s->closed = true;
         drop_output(s);
         emit(io, s, MT_DONE_CLOSED, ENOMEM, 0);
@@ -447,5 +462,6 @@ mt_stream *mt_stream_new(mt_sink *sink, mt_io_thread *io, int fd)
     atomic_init(&s->flushed, 0);
     atomic_init(&s->resume_at, 0);
     atomic_init(&s->blocked_mark, 0);
+    atomic_init(&s->write_err, 0);
     return s;
 }
