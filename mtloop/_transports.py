@@ -46,10 +46,7 @@ def _share_sockname(addr: Any) -> Any:
     """One tuple for equal local addresses: every connection a listener
     accepts has the listener's address, and a tuple a connection costs
     about 150 bytes.  The table is small and bounded."""
-    try:
-        shared = _SOCKNAMES.setdefault(addr, addr)
-    except TypeError:
-        return addr
+    shared = _SOCKNAMES.setdefault(addr, addr)
     if len(_SOCKNAMES) > 256:
         _SOCKNAMES.clear()
     return shared
@@ -61,10 +58,7 @@ class SocketTransport(_mtloop.StreamWriteMethods, transports._FlowControlMixin,
 
     # write() and writelines() come from StreamWriteMethods, in C: a
     # protocol's transport.write(data) runs no Python frame.
-    __slots__ = {
-        "_core": None, "_sock": None, "_server": None,
-        "_lost_scheduled": None, "__weakref__": None,
-    }
+    __slots__ = ("_core", "_sock", "_server", "_lost_scheduled", "__weakref__")
 
     _sendfile_compatible = constants._SendfileMode.TRY_NATIVE
 
@@ -268,7 +262,8 @@ class SocketTransport(_mtloop.StreamWriteMethods, transports._FlowControlMixin,
         finally:
             sock, self._sock = self._sock, None
             if sock is not None:
-                self._extra.setdefault("socket", trsock.TransportSocket(sock))
+                if "socket" not in self._extra:
+                    self._extra["socket"] = trsock.TransportSocket(sock)
                 if self._core.closed:
                     sock.close()
                 else:

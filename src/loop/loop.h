@@ -105,8 +105,8 @@ mt_io_thread *mt_loop_pick_io(mt_loop *loop);
  * waker makes that one eventfd write per sleep, however many commands
  * follow).  Holding commands back to the end of the iteration saved
  * nothing measurable and delayed every write behind the rest of the
- * iteration's callbacks: the heavy-handler benchmark ran at 0.6x.  Takes
- * `cmd`. */
+ * iteration's callbacks: the heavy-handler benchmark ran at 0.6x of what
+ * it runs at now (8.4k against 13-14k requests/s).  Takes `cmd`. */
 void mt_loop_post(mt_io_thread *io, mt_cmd *cmd);
 
 #endif

@@ -298,9 +298,9 @@ static int on_blocked(mt_stream_core *self)
  * Returns the bytes sent; the rest (all of it on EAGAIN or an error) goes
  * to the I/O thread, which reports any error the usual way.
  *
- * Measured on the development VM (tools/bench.py): a 1 KiB ping-pong's
- * p50 drops by about 14% (one of its three context switches per request
- * goes).  Sending directly whenever the I/O thread slept, without the
+ * Measured on the development VM with the load generator against
+ * tools/bench_server.py: a 1 KiB ping-pong's p50 drops by about 14% (one
+ * of its three context switches per request goes).  Sending directly whenever the I/O thread slept, without the
  * idle-loop condition, cost 35% at 32 busy connections, because the loop
  * thread then did the sends of whole bursts itself. */
 static size_t direct_send(mt_stream_core *self, const char *buf, size_t len)

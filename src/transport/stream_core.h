@@ -27,8 +27,7 @@ struct mt_stream_core {
     /* asyncio's transport state, shared with the Python class. */
     bool closing, eof, reading_paused, reading_started, protocol_paused;
     bool closed;                /* the I/O thread let go of the fd */
-    bool redelivery_scheduled;  /* (grouped with the flags: 16 bytes less
-                                   a connection) */
+    bool redelivery_scheduled;  /* a callback will hand deferred_* over */
     int conn_lost;
     Py_ssize_t high_water, low_water;
     uint64_t queued;            /* bytes handed to WRITE commands */
@@ -37,8 +36,7 @@ struct mt_stream_core {
                                    paused, so it drops to the low mark in the
                                    same step as resume_writing() */
 
-    /* Read completions held back while reading is paused (see
-     * redelivery_scheduled above). */
+    /* Read completions held back while reading is paused. */
     mt_done *deferred_head, *deferred_tail;
 
     mt_stream_core *live_prev, *live_next; /* the loop's open transports */

@@ -249,7 +249,6 @@ static void pump_output(mt_io_thread *io, mt_stream *s)
         finish_close(io, s, 0, true);
 }
 
-
 static bool take_credit(mt_stream *s)
 {
     if (atomic_load_explicit(&s->unconsumed, memory_order_seq_cst) < MT_READ_CREDIT)
@@ -321,14 +320,17 @@ static void on_readable(evutil_socket_t fd, short what, void *arg)
     }
 }
 
-/* Writable first: flushing may close the stream, and then there is nothing
- * to read into.  The reference keeps the record alive across both. */
 static void on_event(evutil_socket_t fd, short what, void *arg)
 {
     mt_stream *s = arg;
+    if (!(what & EV_WRITE)) {
+        on_readable(fd, what, s); /* the common case, kept free of atomics */
+        return;
+    }
+    /* Writable first: flushing may close the stream and let go of the
+     * record, so it is held, and read only if it is still open. */
     mt_io_obj_incref(&s->obj);
-    if (what & EV_WRITE)
-        pump_output(s->obj.io, s);
+    pump_output(s->obj.io, s);
     if ((what & EV_READ) && s->read_armed && !s->closed)
         on_readable(fd, what, s);
     mt_io_obj_decref(&s->obj);
