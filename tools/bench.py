@@ -5,6 +5,7 @@
     python tools/bench.py --smoke         # seconds: checks that it all runs
     python tools/bench.py --targets       # the scenarios issue #4 sets targets for
     python tools/bench.py --scaling       # mtloop with 1, 2, 4, 8 I/O threads (many cores)
+    python tools/bench.py --baseline 88cf932   # the working tree against a commit, one run
 
 For each scenario, each loop's echo server (tools/bench_server.py, one
 process per run) is driven by the C load generator (tools/loadgen.c,
@@ -29,6 +30,21 @@ the connections over K load generators pinned to the last K CPUs (requests
 add up; p50 is the clients' mean, p99 their maximum), and --server-cpus
 pins the server, for machines with cores to spare.
 
+--baseline REF measures the working tree's mtloop against git revision REF
+in one interleaved run ("before and after, same run").  REF's tree is
+exported with `git archive` and pip-installed (with this interpreter,
+--no-build-isolation) into build/bench-baseline/<sha>/site-<cache tag>/,
+once per commit and Python; later runs reuse it.  Every mtloop loop of
+--loops (mtloop, mtloop:N) gets a twin, mtloop@<short sha>[:N], whose
+server runs the same tools/bench_server.py with --loop mtloop and that
+directory first on PYTHONPATH; each such server reports the mtloop file it
+imported, and a run whose file is not the baseline's fails.  The report
+adds a line per scenario with the working tree's ratios to the baseline
+(req/s, p99, CPU per request), --markdown adds columns for them, and the
+JSON records the baseline's sha under "baseline".  The working tree's side
+is the mtloop installed for this Python: ./tools/bench.sh rebuilds it from
+the working tree first; run directly, rebuild it yourself.
+
 Benchmarks are measurements, not tests: nothing here asserts a speed.
 """
 
@@ -46,12 +62,14 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVER = ROOT / "tools" / "bench_server.py"
 TICK = os.sysconf("SC_CLK_TCK")
+BASELINE_DIR = ROOT / "build" / "bench-baseline"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,10 +118,34 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def parse_loop(loop: str) -> tuple[str, str | None, str]:
+    """'mtloop@abc1234:2' -> ('mtloop', 'abc1234', '2'); 'uvloop' -> ('uvloop', None, '')."""
+    name, _, io_threads = loop.partition(":")
+    module, _, rev = name.partition("@")
+    return module, rev or None, io_threads
+
+
+def loop_order(loop: str) -> tuple:
+    """Sort key: by module, then I/O threads, each baseline after its working-tree twin."""
+    module, rev, io_threads = parse_loop(loop)
+    return module, int(io_threads or 0), rev or ""
+
+
+def baseline_pairs(loops: list[str]) -> list[tuple[str, str]]:
+    """(working-tree loop, its baseline twin) for each baseline loop whose twin is in `loops`."""
+    pairs = []
+    for loop in loops:
+        module, rev, io_threads = parse_loop(loop)
+        twin = module + (f":{io_threads}" if io_threads else "")
+        if rev and twin in loops:
+            pairs.append((twin, loop))
+    return pairs
+
+
 def available_loops(wanted: list[str]) -> list[str]:
     out = []
     for name in wanted:
-        module = name.split(":")[0]
+        module = parse_loop(name)[0]
         if module == "asyncio" or importlib.util.find_spec(module) is not None:
             out.append(name)
         else:
@@ -128,6 +170,111 @@ def build_loadgen(given: Path | None = None) -> Path:
     subprocess.run([cmake, "--build", str(build), "--target", "mtloop-loadgen"],
                    check=True, env=env, stdout=subprocess.DEVNULL)
     return binary
+
+
+# ---- the baseline revision ---------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Baseline:
+    ref: str            # as given
+    sha: str
+    short: str
+    site: Path          # the directory put first on the baseline servers' PYTHONPATH
+    mtloop_file: str    # mtloop.__file__ as imported with it
+    build_s: float | None  # seconds the build took; None when an earlier one was reused
+
+
+def git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+def with_pythonpath(env: dict[str, str], site: Path) -> dict[str, str]:
+    old = env.get("PYTHONPATH")
+    return {**env, "PYTHONPATH": str(site) + (os.pathsep + old if old else "")}
+
+
+def is_under(file: str, site: Path) -> bool:
+    try:
+        return Path(file).resolve().is_relative_to(site.resolve())
+    except OSError:
+        return False
+
+
+def import_from(site: Path) -> tuple[str | None, str]:
+    """Imports mtloop as a baseline server would (`site` first on PYTHONPATH,
+    not run from the repository) and returns (its __file__ when it lies in
+    `site`, else None; what happened)."""
+    proc = subprocess.run([sys.executable, "-c", "import mtloop; print(mtloop.__file__)"],
+                          cwd=site, env=with_pythonpath(dict(os.environ), site),
+                          capture_output=True, text=True)
+    if proc.returncode:
+        return None, proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"
+    file = proc.stdout.strip()
+    return (file if is_under(file, site) else None), f"imported {file}"
+
+
+def build_baseline(ref: str) -> Baseline:
+    """Builds mtloop as of git revision `ref` into build/bench-baseline/<sha>/
+    (once per commit and Python) and returns where it is."""
+    try:
+        sha = git("rev-parse", "--verify", "--end-of-options", f"{ref}^{{commit}}")
+        short = git("rev-parse", "--short=7", sha)
+    except subprocess.CalledProcessError as exc:
+        raise SystemExit(f"bench: --baseline {ref}: {exc.stderr.strip() or exc}")
+    home = BASELINE_DIR / sha
+    site = home / f"site-{sys.implementation.cache_tag}"
+    if site.is_dir():
+        file, what = import_from(site)
+        if file is not None:
+            log(f"bench: baseline {short} ({ref}): reusing {site}")
+            return Baseline(ref, sha, short, site, file, None)
+        log(f"bench: baseline {short}: {site} is unusable ({what}); rebuilding")
+        shutil.rmtree(site)
+    home.mkdir(parents=True, exist_ok=True)
+    build_log = home / "build.log"
+    log(f"bench: baseline {short} ({ref}): building mtloop into {site} (log: {build_log})")
+    bindir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="build-", dir=home) as tmp:
+        src, partial = Path(tmp) / "src", Path(tmp) / "site"
+        src.mkdir()
+        archive = subprocess.Popen(["git", "archive", "--format=tar", sha], cwd=ROOT,
+                                   stdout=subprocess.PIPE)
+        subprocess.run(["tar", "-x", "-C", str(src)], stdin=archive.stdout, check=True)
+        archive.stdout.close()  # type: ignore[union-attr]
+        if archive.wait():
+            raise SystemExit(f"bench: git archive {sha} failed")
+        with open(build_log, "w") as out:
+            rc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-build-isolation",
+                                 "--no-deps", "--target", str(partial), str(src)],
+                                stdout=out, stderr=subprocess.STDOUT, env=env).returncode
+        if rc:
+            raise SystemExit(f"bench: building mtloop at {short} failed; see {build_log}")
+        partial.rename(site)
+    build_s = time.monotonic() - t0
+    file, what = import_from(site)
+    if file is None:
+        raise SystemExit(f"bench: the baseline built in {site} does not import from there: {what}")
+    log(f"bench: baseline {short} built in {build_s:.0f} s")
+    return Baseline(ref, sha, short, site, file, build_s)
+
+
+def add_baseline(wanted: list[str], loops: list[str], short: str) -> list[str]:
+    """`loops` with each mtloop loop of `wanted` followed by its baseline twin
+    (kept even when the working tree's mtloop is not importable here)."""
+    out = []
+    for name in wanted:
+        if name in loops and name not in out:
+            out.append(name)
+        module, rev, io_threads = parse_loop(name)
+        twin = f"mtloop@{short}" + (f":{io_threads}" if io_threads else "")
+        if module == "mtloop" and rev is None and twin not in out:
+            out.append(twin)
+    if not any(parse_loop(lp)[1] for lp in out):
+        out.append(f"mtloop@{short}")
+    return out
 
 
 # ---- the server process ------------------------------------------------------
@@ -156,12 +303,16 @@ def status_kib(pid: int, key: str) -> int:
 class Server:
     env: dict[str, str] = {}          # set by main(): extra environment for every server
     cpus: set[int] | None = None      # set by main(): the server's CPU affinity
+    baselines: dict[str, Path] = {}   # set by main(): short sha -> the baseline's site dir
 
     def __init__(self, loop: str, sc: Scenario) -> None:
-        module, _, io_threads = loop.partition(":")
+        module, rev, io_threads = parse_loop(loop)
         cmd = [sys.executable, str(SERVER), "--loop", module, "--mode", sc.mode,
                "--size", str(sc.size), "--work-us", str(sc.work_us)]
         env = {**os.environ, **Server.env}
+        site = Server.baselines[rev] if rev else None
+        if site is not None:
+            env = with_pythonpath(env, site)
         if io_threads:
             env["MTLOOP_IO_THREADS"] = io_threads
         cpus = Server.cpus
@@ -172,8 +323,15 @@ class Server:
         if not line.startswith("READY"):
             self.proc.kill()
             raise RuntimeError(f"{loop} server did not start: {line!r}")
-        self.port = int(line.split()[1])
+        _, port, *origin = line.split(maxsplit=2)
+        self.port = int(port)
         self.pid = self.proc.pid
+        # The loop's module file, as the server imported it.
+        self.origin = origin[0].strip() if origin else ""
+        if site is not None and not is_under(self.origin, site):
+            self.stop()
+            raise RuntimeError(f"{loop} server imported {self.origin or 'an unknown mtloop'}, "
+                               f"not the baseline in {site}")
 
     def cpu(self) -> tuple[float, float]:
         """(loop thread, other threads) CPU seconds so far."""
@@ -280,13 +438,33 @@ def ratio(a: float, b: float) -> float | None:
     return a / b if b else None
 
 
+def vs_baseline(per_loop: dict[str, dict], loop: str, base: str) -> str:
+    """One line: `loop`'s ratios to its baseline twin `base` in one scenario."""
+    what = f"  {loop} vs {base}: "
+    missing = [lp for lp in (loop, base) if lp not in per_loop]
+    if missing:
+        return what + f"- (no result for {' or '.join(missing)})"
+    m, b = per_loop[loop]["median"], per_loop[base]["median"]
+
+    def x(key: str) -> str:
+        r = ratio(m[key], b[key]) if key in m and key in b else None
+        return f"{r:.2f}x" if r is not None else "-"
+    if "rss_per_conn_kib" in m:
+        return what + (f"RSS/conn {x('rss_per_conn_kib')}, "
+                       f"idle CPU {m['idle_cpu_pct']:.2f}% vs {b['idle_cpu_pct']:.2f}%")
+    return what + (f"req/s {x('rps')}, p99 {x('p99_us')}, CPU/req {x('cpu_us_per_req')} "
+                   f"(loop thread {x('loop_cpu_us_per_req')})")
+
+
 def report(results: dict[str, dict[str, dict]], loops: list[str]) -> str:
     lines = []
+    width = max([8] + [len(lp) for lp in loops])
+    pairs = baseline_pairs(loops)
     for name, per_loop in results.items():
         idle = "rss_per_conn_kib" in next(iter(per_loop.values()))["median"]
         keys = IDLE_KEYS if idle else ECHO_KEYS
         lines.append(f"\n{name}")
-        head = f"  {'loop':8}" + "".join(f"{k:>22}" for k in keys)
+        head = f"  {'loop':{width}}" + "".join(f"{k:>22}" for k in keys)
         if not idle:
             head += f"{'rps/uvloop':>12}{'rps/asyncio':>12}{'p99/uvloop':>12}"
         lines.append(head)
@@ -294,44 +472,65 @@ def report(results: dict[str, dict[str, dict]], loops: list[str]) -> str:
             if loop not in per_loop:
                 continue
             med = per_loop[loop]["median"]
-            row = f"  {loop:8}" + "".join(f"{med.get(k, float('nan')):>22.2f}" for k in keys)
+            row = f"  {loop:{width}}" + "".join(f"{med.get(k, float('nan')):>22.2f}" for k in keys)
             if not idle:
                 for base, key in (("uvloop", "rps"), ("asyncio", "rps"), ("uvloop", "p99_us")):
                     other = per_loop.get(base, {}).get("median", {}).get(key)
                     r = ratio(med[key], other) if other else None
                     row += f"{r:>12.2f}" if r is not None else f"{'-':>12}"
             lines.append(row)
+        lines += [vs_baseline(per_loop, loop, base) for loop, base in pairs]
     return "\n".join(lines)
 
 
 def markdown(results: dict[str, dict[str, dict]], loops: list[str]) -> str:
     """The README's form: one row per scenario, req/s per loop, and mtloop's
     ratios (req/s and p99 against uvloop; its loop thread's CPU per request
-    against uvloop's whole process)."""
-    mt = next((lp for lp in loops if lp.startswith("mtloop")), None)
+    against uvloop's whole process).  With a baseline, the same ratios for
+    the baseline's twin, then the working tree's against the baseline
+    (req/s, p99, the whole process's CPU per request)."""
+    mt = next((lp for lp in loops if lp.startswith("mtloop") and not parse_loop(lp)[1]), None)
+    pair = next(((lp, base) for lp, base in baseline_pairs(loops) if lp == mt), None)
+    if pair is None and mt is None:
+        mt = next((lp for lp in loops if lp.startswith("mtloop")), None)
+    mts = list(pair) if pair else [mt] if mt else []
     head = ["scenario"] + [f"{lp} req/s" for lp in loops]
-    if mt and "uvloop" in loops:
-        head += [f"{mt}/uvloop req/s", f"{mt}/uvloop p99", "loop-thread CPU/req vs uvloop"]
+    if "uvloop" in loops:
+        for m in mts:
+            head += [f"{m}/uvloop req/s", f"{m}/uvloop p99",
+                     "loop-thread CPU/req vs uvloop" if len(mts) == 1
+                     else f"{m} loop-thread CPU/req vs uvloop"]
+    if pair:
+        head += [f"{pair[0]}/{pair[1]} req/s", f"{pair[0]}/{pair[1]} p99",
+                 f"{pair[0]}/{pair[1]} CPU/req"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     idle_rows = []
     for name, per_loop in results.items():
         med = {lp: d["median"] for lp, d in per_loop.items()}
         if "rss_per_conn_kib" in next(iter(med.values())):
-            idle_rows.append(f"| {name} | " + " | ".join(
-                f"{med[lp]['rss_per_conn_kib']:.2f} KiB/conn, {med[lp]['idle_cpu_pct']:.2f}% CPU"
-                if lp in med else "-" for lp in loops) + " |")
+            cells = [f"{med[lp]['rss_per_conn_kib']:.2f} KiB/conn, "
+                     f"{med[lp]['idle_cpu_pct']:.2f}% CPU" if lp in med else "-" for lp in loops]
+            if pair:
+                r = (ratio(med[pair[0]]["rss_per_conn_kib"], med[pair[1]]["rss_per_conn_kib"])
+                     if pair[0] in med and pair[1] in med else None)
+                cells.append(f"{r:.2f}x" if r is not None else "-")
+            idle_rows.append(f"| {name} | " + " | ".join(cells) + " |")
             continue
         row = [name] + [f"{med[lp]['rps']:,.0f}" if lp in med else "-" for lp in loops]
-        if mt and "uvloop" in loops:
-            if mt in med and "uvloop" in med:
-                u, m = med["uvloop"], med[mt]
-                row += [f"{m['rps'] / u['rps']:.2f}x", f"{m['p99_us'] / u['p99_us']:.2f}x",
-                        f"{m['loop_cpu_us_per_req'] / u['cpu_us_per_req']:.2f}x"]
+        against = [(m, "uvloop", "loop_cpu_us_per_req") for m in mts] if "uvloop" in loops else []
+        against += [(pair[0], pair[1], "cpu_us_per_req")] if pair else []
+        for m, b, cpu in against:
+            if m in med and b in med:
+                x, y = med[m], med[b]
+                row += [f"{x['rps'] / y['rps']:.2f}x", f"{x['p99_us'] / y['p99_us']:.2f}x",
+                        f"{x[cpu] / y['cpu_us_per_req']:.2f}x"]
             else:
                 row += ["-"] * 3
         lines.append("| " + " | ".join(row) + " |")
     if idle_rows:
-        lines += ["", "| idle | " + " | ".join(loops) + " |", "|" + "---|" * (len(loops) + 1)]
+        idle_head = loops + ([f"{pair[0]}/{pair[1]} RSS/conn"] if pair else [])
+        lines += ["", "| idle | " + " | ".join(idle_head) + " |",
+                  "|" + "---|" * (len(idle_head) + 1)]
         lines += idle_rows
     return "\n".join(lines)
 
@@ -405,13 +604,20 @@ def main() -> int:
                         help="print the report of an earlier run's JSON and exit")
     parser.add_argument("--malloc-default", action="store_true",
                         help="leave glibc's heap trimming at its default (see above)")
+    parser.add_argument("--baseline", metavar="REF", default=None,
+                        help="also run mtloop as of git revision REF (built once into "
+                             "build/bench-baseline/), interleaved, as mtloop@<sha>")
     args = parser.parse_args()
 
     if args.report is not None:
         saved = json.loads(args.report.read_text())
         order = [lp for lp in ("asyncio", "uvloop", "rloop") if any(
             lp in per for per in saved["results"].values())]
-        order += sorted({lp for per in saved["results"].values() for lp in per} - set(order))
+        order += sorted({lp for per in saved["results"].values() for lp in per} - set(order),
+                        key=loop_order)
+        if saved.get("baseline"):
+            b = saved["baseline"]
+            print(f"baseline: mtloop@{b['short']} = {b['sha']} ({b['ref']})")
         print(report(saved["results"], order))
         print()
         print(markdown(saved["results"], order))
@@ -429,7 +635,16 @@ def main() -> int:
         scenarios = [s for s in scenarios if args.pattern in s.name]
     repeat = args.repeat or (1 if args.smoke else 5)
     seconds = args.seconds or (0.5 if args.smoke else 1.0 if not args.full else 2.0)
-    loops = available_loops(args.loops.split(","))
+    wanted = args.loops.split(",")
+    if any("@" in lp for lp in wanted):
+        parser.error("--loops: name a baseline with --baseline REF, not loop@REF")
+    loops = available_loops(wanted)
+    baseline = None
+    if args.baseline:
+        baseline = build_baseline(args.baseline)
+        Server.baselines[baseline.short] = baseline.site
+        loops = add_baseline(wanted, loops, baseline.short)
+        log(f"bench: mtloop@{baseline.short} imports {baseline.mtloop_file}")
     raise_fd_limit()
     binary = build_loadgen(args.loadgen)
     ncpu = os.cpu_count() or 1
@@ -468,13 +683,22 @@ def main() -> int:
     text = report(results, loops)
     print(f"machine: {machine['cpus']} CPUs, {machine['platform']}, Python {machine['python']}; "
           f"medians of {repeat} interleaved runs of {seconds:g} s")
+    if baseline:
+        print(f"baseline: mtloop@{baseline.short} = {baseline.sha} ({baseline.ref}), "
+              f"from {baseline.site.relative_to(ROOT)}")
     print(text)
     if args.markdown:
         print()
         print(markdown(results, loops))
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"machine": machine, "repeat": repeat, "seconds": seconds,
-                                     "results": results}, indent=1))
+    saved = {"machine": machine, "repeat": repeat, "seconds": seconds, "loops": loops,
+             "results": results}
+    if baseline:
+        saved["baseline"] = {"ref": baseline.ref, "sha": baseline.sha, "short": baseline.short,
+                             "loops": [lp for lp in loops if parse_loop(lp)[1]],
+                             "site": str(baseline.site), "mtloop_file": baseline.mtloop_file,
+                             "build_s": baseline.build_s}
+    args.json.write_text(json.dumps(saved, indent=1))
     png = args.json.with_suffix(".png")
     drew = chart(results, loops, png)
     print(f"\nJSON: {args.json}" + (f"\nchart: {png}" if drew else ""))

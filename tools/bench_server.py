@@ -10,8 +10,9 @@ With --work-us the server frames the byte stream into --size messages and
 spends that many microseconds of pure-Python work on each before echoing
 it (the "heavy handler" scenario); otherwise it echoes bytes as they come.
 
-Prints "READY <port or path>" on stdout once it listens, then serves until
-SIGTERM or SIGINT.
+Prints "READY <port or path> <the loop module's file>" on stdout once it
+listens (the file tells tools/bench.py which mtloop a baseline run really
+imported), then serves until SIGTERM or SIGINT.
 """
 
 from __future__ import annotations
@@ -165,7 +166,8 @@ async def serve(args: argparse.Namespace) -> None:
         server = None
         acceptor = loop.create_task(accept())
 
-    print(f"READY {where}", flush=True)
+    origin = getattr(sys.modules.get(args.loop), "__file__", None) or "-"
+    print(f"READY {where} {origin}", flush=True)
     await stop
     if server is not None:
         server.close()
