@@ -55,7 +55,7 @@ def default_io_threads() -> int:
     return _mtloop.default_io_threads()
 
 
-atexit.register(_mtloop.shutdown_runtime)
+atexit.register(_mtloop._shutdown_at_exit)
 
 
 def run(main: Coroutine[Any, Any, _T], *, debug: bool | None = None) -> _T:

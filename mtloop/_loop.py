@@ -57,9 +57,9 @@ class Loop(_mtloop.LoopCore, SignalMethods, SocketMethods, StreamMethods, UnixSo
         if self.is_closed():
             return
         self._mt_remove_all_signal_handlers()
-        listeners, self._mt_listeners = self._mt_listeners, {}
-        for listener in listeners.values():
-            listener.close()
+        # Listeners still serving are let go by _core_close(), with every
+        # other record of the loop.
+        self._mt_listeners = {}
         super().close()
         self._mt_close_signal_socket()
         self._core_close()

@@ -78,10 +78,15 @@ class StreamMethods:
         old = self._mt_listeners.pop(fd, None)
         if old is not None:
             old.close()
-        family, type_, proto = sock.family, sock.type, sock.proto
+        sockinfo = (sock.family, sock.type, sock.proto)
+        try:
+            # One tuple for every connection: each costs ~150 bytes.
+            sockname = sock.getsockname()
+        except OSError:
+            sockname = None
 
         def on_accept(conn_fd: int, addr: Any) -> None:
-            self._mt_accept(protocol_factory, server, family, type_, proto, conn_fd, addr)
+            self._mt_accept(protocol_factory, server, sockinfo, sockname, conn_fd, addr)
 
         def on_error(err: int) -> None:
             exc = OSError(err, os.strerror(err))
@@ -96,14 +101,18 @@ class StreamMethods:
                 "socket": trsock.TransportSocket(sock),
             })
 
-        self._mt_listeners[fd] = _mtloop.Listener(self, fd, backlog, on_accept, on_error)
+        # TCP_NODELAY is set on the I/O thread right after accept4(), as
+        # asyncio sets it on every TCP transport.
+        nodelay = sock.family in (socket.AF_INET, socket.AF_INET6)
+        self._mt_listeners[fd] = _mtloop.Listener(self, fd, backlog, on_accept, on_error,
+                                                  nodelay)
 
     def _stop_serving(self, sock: socket.socket) -> None:
         listener = self._mt_listeners.pop(sock.fileno(), None)
         if listener is not None:
             listener.close()
             # The I/O thread accepts on its own dup of the socket, which
-            # lives until the command reaches it.  Shutting the socket down
+            # lives until the signal reaches it.  Shutting the socket down
             # stops the listening at once for both fds, so a client that
             # connects after close() is refused, as with the stock loop.
             try:
@@ -112,20 +121,23 @@ class StreamMethods:
                 pass
         sock.close()
 
-    def _mt_accept(self, protocol_factory: Callable[[], Any], server: Any, family: int,
-                   type_: int, proto: int, fd: int, addr: Any) -> None:
-        conn = socket.socket(family, type_, proto, fileno=fd)
-        conn.setblocking(False)
+    def _mt_accept(self, protocol_factory: Callable[[], Any], server: Any,
+                   sockinfo: tuple[int, int, int], sockname: Any, fd: int, addr: Any) -> None:
+        """An accepted connection: `fd` is ours.  No Python socket object is
+        made; the transport's record owns the descriptor."""
         protocol = None
         try:
-            protocol = protocol_factory()
-            self._make_socket_transport(conn, protocol, extra={"peername": addr},
-                                        server=server)
+            try:
+                protocol = protocol_factory()
+            except BaseException:
+                os.close(fd)
+                raise
+            SocketTransport(self, None, protocol,
+                            extra={"peername": addr, "sockname": sockname},
+                            server=server, fd=fd, sockinfo=sockinfo)
         except (SystemExit, KeyboardInterrupt):
-            conn.close()
             raise
         except BaseException as exc:
-            conn.close()
             if self.get_debug():
                 context = {
                     "message": "Error on transport creation for incoming connection",
@@ -144,6 +156,6 @@ class StreamMethods:
                 f"{transp!r} is not an mtloop socket transport")
         # The stock loop's native path goes through sock_sendfile(), whose
         # checks (binary mode, offset, count) come first.
-        self._check_sendfile_params(transp._sock, file, offset, count)
+        self._check_sendfile_params(transp._socket_like(), file, offset, count)
         return await transp._mt_sendfile(file, offset, count)
 

@@ -1,14 +1,19 @@
-"""Stream transports whose socket I/O runs on mtloop's I/O threads.
+"""Transports whose I/O runs on mtloop's I/O threads.
 
-`SocketTransport` is asyncio's Transport API around a C core
-(`mtloop._mtloop.StreamCore`): writes, reading, read credit and the
-dispatch of received data to the protocol are in C; the state machine of
-closing, errors and flow-control callbacks follows the stock selector
-transport here, in Python, where it is cold.
+`FlowTransport` is the lifecycle every byte-stream transport kind shares
+(closing, aborting, errors, connection_lost exactly once, after the last
+delivery), around a C core (`mtloop._mtloop.StreamCore`): writes, reading,
+read credit and the dispatch of received data to the protocol are in C;
+the state machine of closing, errors and flow-control callbacks follows
+the stock selector transport here, in Python, where it is cold.  A kind
+adds what is its own: `SocketTransport` the socket's extra info, servers
+and sendfile.
 
-The socket object stays the owner of the file descriptor.  The I/O thread
-does every system call on it until it reports the transport closed; only
-then is the socket closed, so the fd number cannot be reused under it.
+The C record owns the transport's file descriptor (a copy of a socket
+object's, or an accepted one) and closes it once the I/O thread and the
+loop have both let go of it; no Python object owns it.  A socket object
+the transport was made from keeps its own descriptor and is closed when
+the connection is lost, as the stock loop closes it.
 """
 
 from __future__ import annotations
@@ -23,47 +28,32 @@ from typing import Any
 
 from . import _mtloop
 from ._sock import sendfile_source
+from ._trsock import PseudoSocket
 
-__all__ = ["SocketTransport"]
+__all__ = ["FlowTransport", "SocketTransport"]
 
 _ATTACH_TAKES_TRANSPORT = sys.version_info >= (3, 13)
 
 
 def _core_flag(name: str, doc: str) -> property:
-    def get(self: "SocketTransport") -> Any:
+    def get(self: "FlowTransport") -> Any:
         return getattr(self._core, name)
 
-    def set(self: "SocketTransport", value: Any) -> None:
+    def set(self: "FlowTransport", value: Any) -> None:
         setattr(self._core, name, value)
 
     return property(get, set, doc=doc)
 
 
-_SOCKNAMES: dict[Any, Any] = {}
+class FlowTransport(transports._FlowControlMixin, transports.Transport):
+    """What every mtloop byte-stream transport shares: the C core, reading,
+    and the way a connection ends.  Subclasses call _mt_open() first in
+    their __init__ and may extend _mt_lost()."""
 
-
-def _share_sockname(addr: Any) -> Any:
-    """One tuple for equal local addresses: every connection a listener
-    accepts has the listener's address, and a tuple a connection costs
-    about 150 bytes.  The table is small and bounded."""
-    shared = _SOCKNAMES.setdefault(addr, addr)
-    if len(_SOCKNAMES) > 256:
-        _SOCKNAMES.clear()
-    return shared
-
-
-class SocketTransport(_mtloop.StreamWriteMethods, transports._FlowControlMixin,
-                      transports.Transport):
-    """A TCP or Unix stream transport driven by an mtloop I/O thread."""
-
-    # write() and writelines() come from StreamWriteMethods, in C: a
-    # protocol's transport.write(data) runs no Python frame.
-    __slots__ = ("_core", "_sock", "_server", "_lost_scheduled", "__weakref__")
-
-    _sendfile_compatible = constants._SendfileMode.TRY_NATIVE
+    __slots__ = ("_core", "_lost_scheduled", "__weakref__")
 
     # asyncio's attribute names, kept in the C core so both halves agree.
-    _sock_fd = property(lambda self: self._core.fd, doc="The socket's file descriptor.")
+    _sock_fd = property(lambda self: self._core.fd, doc="The transport's file descriptor.")
     _closing = _core_flag("closing", "close() or abort() was called.")
     _eof = _core_flag("eof", "write_eof() was called.")
     _conn_lost = _core_flag("conn_lost", "Writes attempted after the connection was lost.")
@@ -71,65 +61,54 @@ class SocketTransport(_mtloop.StreamWriteMethods, transports._FlowControlMixin,
     _high_water = _core_flag("high_water", "High-water mark of the write buffer.")
     _low_water = _core_flag("low_water", "Low-water mark of the write buffer.")
 
-    def __init__(self, loop: Any, sock: socket.socket, protocol: Any, waiter: Any = None,
-                 extra: dict | None = None, server: Any = None) -> None:
-        self._sock = None
-        self._server = None
+    def _mt_open(self, loop: Any, fd: int, protocol: Any, dup: bool,
+                 extra: dict | None) -> None:
+        """Makes the C core (from here on the record owns `fd`, or a copy
+        of it when `dup`) and the asyncio base."""
         self._lost_scheduled = False
-        self._core = _mtloop.StreamCore(loop, sock.fileno(), self, protocol)
+        self._core = _mtloop.StreamCore(loop, fd, self, protocol, dup)
         super().__init__(extra, loop)
-        try:
-            sockname = sock.getsockname()
-        except OSError:
-            sockname = None
-        self._extra["sockname"] = _share_sockname(sockname) if server is not None else sockname
-        if "peername" not in self._extra:
-            try:
-                self._extra["peername"] = sock.getpeername()
-            except OSError:
-                self._extra["peername"] = None
-        self._sock = sock
-        self._server = server
-        if server is not None:
-            if _ATTACH_TAKES_TRANSPORT:
-                server._attach(self)
-            else:
-                server._attach()
-        base_events._set_nodelay(sock)
-        loop.call_soon(protocol.connection_made, self)
+
+    def _mt_undo(self) -> None:
+        """__init__ failed after _mt_open(): let go of the connection now,
+        rather than leave it open on the I/O thread until the loop closes."""
+        core = getattr(self, "_core", None)
+        if core is not None:
+            self._lost_scheduled = True
+            core.abort()
+            core.release()
+
+    def _mt_start(self, protocol: Any, waiter: Any) -> None:
+        self._loop.call_soon(protocol.connection_made, self)
         # Reading starts only after connection_made(), as asyncio orders it.
-        loop.call_soon(self._core.start_reading)
+        self._loop.call_soon(self._core.start_reading)
         if waiter is not None:
-            loop.call_soon(futures._set_result_unless_cancelled, waiter, None)
+            self._loop.call_soon(futures._set_result_unless_cancelled, waiter, None)
 
     def __repr__(self) -> str:
         info = [self.__class__.__name__]
-        if self._sock is None:
+        fd = self._core.fd
+        if fd < 0:
             info.append("closed")
         elif self._closing:
             info.append("closing")
-        info.append(f"fd={self._sock_fd}")
-        if self._sock is not None and not self._closing:
+        info.append(f"fd={fd}")
+        if fd >= 0 and not self._closing:
             info.append("read=" + ("polling" if self.is_reading() else "idle"))
-            info.append(f"write=<bufsize={self.get_write_buffer_size()}>")
+            try:
+                info.append(f"write=<bufsize={self.get_write_buffer_size()}>")
+            except RuntimeError:
+                pass  # a forked child
         return "<{}>".format(" ".join(info))
 
     def __del__(self, _warn: Any = warnings.warn) -> None:
-        if self._sock is not None:
+        core = getattr(self, "_core", None)
+        if core is not None and core.fd >= 0 and not self._lost_scheduled:
             _warn(f"unclosed transport {self!r}", ResourceWarning, source=self)
-            self._sock.close()
-            self._sock = None
-            if self._server is not None:
-                self._detach_server()
+            # The core aborts the connection when it goes.
+            self._mt_lost()
 
     # ---- asyncio.BaseTransport ------------------------------------------
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        # The "socket" entry is made on first use (or when the connection
-        # is lost): an idle connection need not carry its TransportSocket.
-        if name == "socket" and "socket" not in self._extra and self._sock is not None:
-            self._extra["socket"] = trsock.TransportSocket(self._sock)
-        return self._extra.get(name, default)
 
     def is_closing(self) -> bool:
         return self._core.closing
@@ -162,29 +141,14 @@ class SocketTransport(_mtloop.StreamWriteMethods, transports._FlowControlMixin,
         return not self._core.reading_paused and not self._core.closing
 
     def pause_reading(self) -> None:
-        if self._core.closing or self._core.reading_paused:
-            return
-        self._core.pause_reading()
-        if self._loop.get_debug():
+        if self._core.pause_reading() and self._loop.get_debug():
             logger.debug("%r pauses reading", self)
 
     def resume_reading(self) -> None:
-        if self._core.closing or not self._core.reading_paused:
-            return
-        self._core.resume_reading()
-        if self._loop.get_debug():
+        if self._core.resume_reading() and self._loop.get_debug():
             logger.debug("%r resumes reading", self)
 
     # ---- asyncio.WriteTransport ----------------------------------------
-
-    def write_eof(self) -> None:
-        core = self._core
-        if core.closing or core.eof:
-            return
-        core.shutdown_write()
-
-    def can_write_eof(self) -> bool:
-        return True
 
     def abort(self) -> None:
         self._force_close(None)
@@ -248,8 +212,9 @@ class SocketTransport(_mtloop.StreamWriteMethods, transports._FlowControlMixin,
             self._loop.call_soon(self._call_connection_lost, exc)
 
     def _mt_closed(self, err: int) -> None:
-        """The I/O thread let go of the socket after flushing the output
-        (close() with data queued) or after the pool stopped."""
+        """The I/O thread let go of the descriptor after flushing the output
+        (close() with data queued), after a failure, or because the pool
+        stopped."""
         if not self._lost_scheduled:
             exc = OSError(err, os.strerror(err)) if err else None
             self._schedule_connection_lost(exc)
@@ -260,28 +225,116 @@ class SocketTransport(_mtloop.StreamWriteMethods, transports._FlowControlMixin,
             if protocol is not None:
                 protocol.connection_lost(exc)
         finally:
-            sock, self._sock = self._sock, None
-            if sock is not None:
-                if "socket" not in self._extra:
-                    self._extra["socket"] = trsock.TransportSocket(sock)
-                if self._core.closed:
-                    sock.close()
-                else:
-                    # The I/O thread may still be finishing: it closes the
-                    # fd once it has let go of it.
-                    sock.detach()
-                    self._core.give_fd()
+            self._mt_lost()
             self._core.set_protocol(None)
+            self._core.release()
             self._loop = None
-            if self._server is not None:
-                self._detach_server()
 
-    def _detach_server(self) -> None:
-        server, self._server = self._server, None
-        if _ATTACH_TAKES_TRANSPORT:
-            server._detach(self)
+    def _mt_lost(self) -> None:
+        """The connection is over: let go of what the kind holds."""
+
+    def _mt_loop_closed(self) -> None:
+        """The loop closed with this transport open: the C record closed the
+        descriptor; close what else holds the connection open."""
+
+
+class SocketTransport(_mtloop.StreamWriteMethods, FlowTransport):
+    """A TCP or Unix stream transport driven by an mtloop I/O thread."""
+
+    # write() and writelines() come from StreamWriteMethods, in C: a
+    # protocol's transport.write(data) runs no Python frame.
+    __slots__ = ("_sock", "_server", "_sockinfo")
+
+    _sendfile_compatible = constants._SendfileMode.TRY_NATIVE
+
+    def __init__(self, loop: Any, sock: socket.socket | None, protocol: Any,
+                 waiter: Any = None, extra: dict | None = None, server: Any = None, *,
+                 fd: int = -1, sockinfo: tuple[int, int, int] | None = None) -> None:
+        """Around `sock` (the transport uses a copy of its descriptor and
+        closes `sock` when the connection is lost), or around an accepted
+        `fd` of the family, type and proto in `sockinfo`, which it takes
+        over even when it raises."""
+        self._sock = None
+        self._server = None
+        self._sockinfo = sockinfo
+        if sock is not None:
+            self._mt_open(loop, sock.fileno(), protocol, True, extra)
         else:
-            server._detach()
+            try:
+                self._mt_open(loop, fd, protocol, False, extra)
+            except BaseException:
+                os.close(fd)  # the fd was handed over: nobody else closes it
+                raise
+        try:
+            if sock is not None:
+                self._sock = sock
+                self._sockinfo = (sock.family, sock.type, sock.proto)
+                try:
+                    self._extra["sockname"] = sock.getsockname()
+                except OSError:
+                    self._extra["sockname"] = None
+                if "peername" not in self._extra:
+                    try:
+                        self._extra["peername"] = sock.getpeername()
+                    except OSError:
+                        self._extra["peername"] = None
+                base_events._set_nodelay(sock)
+            if server is not None:
+                if _ATTACH_TAKES_TRANSPORT:
+                    server._attach(self)
+                else:
+                    server._attach()
+                self._server = server
+            self._mt_start(protocol, waiter)
+        except BaseException:
+            self._mt_undo()
+            raise
+
+    # ---- asyncio.BaseTransport ------------------------------------------
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        # The "socket" entry is made on first use (or when the connection
+        # is lost): an idle connection need not carry its TransportSocket.
+        if name == "socket" and "socket" not in self._extra:
+            self._extra["socket"] = trsock.TransportSocket(self._socket_like())
+        return self._extra.get(name, default)
+
+    def _socket_like(self) -> Any:
+        if self._sock is not None:
+            return self._sock
+        family, type_, proto = self._sockinfo or (socket.AF_INET, socket.SOCK_STREAM, 0)
+        return PseudoSocket(self._core, family, type_, proto)
+
+    # ---- asyncio.WriteTransport ----------------------------------------
+
+    def write_eof(self) -> None:
+        core = self._core
+        if core.closing or core.eof:
+            return
+        core.shutdown_write()
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    # ---- the end of the connection --------------------------------------
+
+    def _mt_lost(self) -> None:
+        if "socket" not in self._extra:
+            self._extra["socket"] = trsock.TransportSocket(self._socket_like())
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+        if self._server is not None:
+            server, self._server = self._server, None
+            if _ATTACH_TAKES_TRANSPORT:
+                server._detach(self)
+            else:
+                server._detach()
+
+    def _mt_loop_closed(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
 
     # ---- sendfile on the I/O thread ----------------------------------------
 
@@ -294,9 +347,14 @@ class SocketTransport(_mtloop.StreamWriteMethods, transports._FlowControlMixin,
         resume_reading = self.is_reading()
         self.pause_reading()
         waiter = self._loop.create_future()
+        # The I/O thread sends from its own copy of the descriptor.
         self._core.sendfile(fileno, offset, blocksize, waiter)
         try:
             sent, err = await waiter
+        except BaseException:
+            # Abandoned (cancelled): the I/O thread stops sending the file.
+            self._core.sendfile_cancel()
+            raise
         finally:
             if resume_reading:
                 self.resume_reading()

@@ -13,7 +13,11 @@ API under test:
 * ``mtloop.shutdown_runtime()`` stops the I/O threads; the next use starts
   a fresh pool.
 * after fork(), a new loop works in the child, a loop made before the fork
-  raises RuntimeError (mentioning fork) when run there.
+  raises RuntimeError (mentioning fork) when run there, and so does every
+  method of a transport made before the fork; the parent is never touched.
+* accepts take credit: a loop that does not handle them leaves connections
+  in the kernel's backlog; the pool does not start again after the
+  interpreter-exit shutdown; a loop collected with open transports.
 
 Tests that need a clean process (environment variables, thread counts,
 interpreter exit) run a child Python.
@@ -21,12 +25,16 @@ interpreter exit) run a child Python.
 
 import asyncio
 import faulthandler
+import json
 import os
+import select
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 import traceback
 import warnings
 
@@ -761,3 +769,416 @@ def test_loop_thread_does_not_move_the_bytes(new_loop):
     assert moved < 0.1 * n, f"the loop thread read/wrote {moved} bytes of a {n}-byte transfer"
     # ...and the I/O threads (found by runtime_stats()'s native_id) did.
     assert io_read >= n, f"the I/O threads read {io_read} bytes of a {n}-byte transfer"
+
+
+# ---- hardening (issue #9) ------------------------------------------------
+
+
+def listening_socket(backlog=8):
+    lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(backlog)
+    lsock.setblocking(False)
+    return lsock
+
+
+async def recv_exactly(loop, sock, n):
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = await loop.sock_recv(sock, n - len(buf))
+        if not chunk:
+            break
+        buf += chunk
+    return bytes(buf)
+
+
+def total_accepts():
+    return sum(d["accepts"] for d in mtloop.runtime_stats())
+
+
+# --------------------------------------------------------------------------
+# 1. a transport used in a forked child
+
+
+def _fork_child(body, timeout=15):
+    """Run ``body()`` (returns a JSON-able value) in a forked child; return
+    that value, or fail on a crash or hang."""
+    r, w = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
+        pid = os.fork()
+    if pid == 0:  # child: never returns
+        code = 1
+        try:
+            os.close(r)
+            msg = json.dumps({"ok": body()})
+            code = 0
+        except BaseException:
+            msg = json.dumps({"error": traceback.format_exc()})
+        try:
+            os.write(w, msg.encode()[:60000])
+        finally:
+            os._exit(code)
+    os.close(w)
+    chunks = []
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            ready, _, _ = select.select([r], [], [], max(left, 0))
+            if not ready:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                pytest.fail(f"forked child hung (> {timeout} s)")
+            data = os.read(r, 65536)
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        os.close(r)
+    _, status = os.waitpid(pid, 0)
+    raw = b"".join(chunks).decode(errors="replace")
+    assert os.WIFEXITED(status), f"forked child died: status {status}; {raw}"
+    result = json.loads(raw)
+    assert "error" not in result, result["error"]
+    return result["ok"]
+
+
+# Defect: in a forked child an inherited transport still works: write()
+# sends on the parent's socket (the direct-send path), and nothing raises
+# RuntimeError, unlike running the inherited loop there.
+def test_inherited_transport_refuses_use_in_forked_child(new_loop):
+    loop = new_loop()
+    lsock = listening_socket()
+
+    async def connect():
+        reader, writer = await asyncio.open_connection(*lsock.getsockname())
+        peer, _ = await loop.sock_accept(lsock)
+        writer.write(b"hello")
+        assert await recv_exactly(loop, peer, 5) == b"hello"
+        await asyncio.sleep(0.1)  # let the I/O thread go idle
+        return reader, writer, peer
+
+    reader, writer, peer = run_on(loop, connect())
+    try:
+        transport = writer.transport
+
+        def child():
+            results = {}
+
+            def attempt(name, fn):
+                try:
+                    fn()
+                except RuntimeError:
+                    results[name] = "RuntimeError"
+                except BaseException as exc:
+                    results[name] = f"{type(exc).__name__}: {exc}"
+                else:
+                    results[name] = "no error"
+
+            attempt("get_write_buffer_size", transport.get_write_buffer_size)
+            attempt("pause_reading", transport.pause_reading)
+            attempt("resume_reading", transport.resume_reading)
+            attempt("transport.write", lambda: transport.write(b"x"))
+            attempt("writer.write", lambda: writer.write(b"y"))
+            attempt("close", transport.close)
+            attempt("abort", transport.abort)
+            return results
+
+        results = _fork_child(child)
+        problems = [f"{name} in the child: {results[name]}"
+                    for name in ("get_write_buffer_size", "pause_reading", "resume_reading",
+                                 "transport.write", "writer.write")
+                    if results[name] != "RuntimeError"]
+        problems += [f"{name} in the child: {results[name]}"
+                     for name in ("close", "abort")
+                     if results[name] not in ("RuntimeError", "no error")]
+
+        async def check_parent():
+            await asyncio.sleep(0.3)
+            peer.setblocking(False)
+            try:
+                leaked = peer.recv(1 << 16)
+            except BlockingIOError:
+                leaked = None
+            if leaked is not None:
+                problems.append(f"the parent's peer received {leaked!r} from the child")
+            writer.write(b"ping")
+            got = await asyncio.wait_for(recv_exactly(loop, peer, 4), 5)
+            if got != b"ping":
+                problems.append(f"parent's transport after the fork: peer got {got!r}")
+            await loop.sock_sendall(peer, b"pong")
+            back = await asyncio.wait_for(reader.readexactly(4), 5)
+            if back != b"pong":
+                problems.append(f"parent's transport after the fork: read {back!r}")
+
+        run_on(loop, check_parent())
+        assert not problems, problems
+    finally:
+        writer.close()
+        try:
+            run_on(loop, writer.wait_closed(), timeout=5)
+        except Exception:
+            pass
+        peer.close()
+        lsock.close()
+
+
+# --------------------------------------------------------------------------
+# 2. accepting while the loop does not take the connections
+
+
+CLIENTS = 300
+ACCEPT_BOUND = 128
+
+
+class Quiet(asyncio.Protocol):
+    pass
+
+
+# Defect: the I/O thread accepts every pending connection while the loop
+# thread is blocked (no ACCEPT completion consumed): no back-pressure, the
+# kernel backlog is emptied into the loop's completion queue.
+def test_accepts_bounded_while_loop_blocked(new_loop):
+    loop = new_loop()
+    server = run_on(loop, loop.create_server(Quiet, "127.0.0.1", 0, backlog=1024))
+    addr = server.sockets[0].getsockname()
+    run_on(loop, asyncio.sleep(0.05))
+    base = total_accepts()
+    clients = []
+    result = {}
+
+    def connect_all():
+        for _ in range(CLIENTS):
+            c = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            c.settimeout(5)
+            try:
+                c.connect(addr)
+            except OSError:
+                c.close()
+                break
+            clients.append(c)
+
+    def block_loop_thread():
+        t = threading.Thread(target=connect_all)
+        t.start()
+        deadline = time.monotonic() + 2.0
+        while t.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.3)  # time enough for an I/O thread to accept them all
+        result["accepts"] = total_accepts() - base
+        result["connected"] = len(clients)
+        t.join(5)
+
+    async def main():
+        loop.call_soon(block_loop_thread)
+        await asyncio.sleep(0.05)
+
+    try:
+        run_on(loop, main())
+        assert result["connected"] >= ACCEPT_BOUND + 50, result
+        assert result["accepts"] <= ACCEPT_BOUND, (
+            f"{result['accepts']} of {result['connected']} connections accepted while the "
+            f"loop thread was blocked (bound {ACCEPT_BOUND})")
+    finally:
+        for c in clients:
+            c.close()
+        server.close()
+        run_on(loop, server.wait_closed(), timeout=10)
+        run_on(loop, asyncio.sleep(0.1))
+
+
+# --------------------------------------------------------------------------
+# 3. a daemon thread using mtloop while the interpreter exits
+
+
+_EXIT_CHILD = """
+import atexit, os, sys, threading, time
+
+state = {"exiting": False, "after": []}
+
+
+def late():
+    # Registered before mtloop is imported: runs after mtloop's own
+    # exit-time shutdown_runtime().
+    state["exiting"] = True
+    time.sleep(0.5)
+    import mtloop
+    print("POOL", len(mtloop.runtime_stats()), flush=True)
+    print("AFTER", json.dumps(sorted(set(state["after"]))), len(state["after"]), flush=True)
+
+
+atexit.register(late)
+
+import asyncio, json, socket
+import mtloop
+
+lsock = socket.socket()
+lsock.bind(("127.0.0.1", 0))
+lsock.listen(4096)
+addr = lsock.getsockname()
+started = threading.Event()
+
+
+def daemon():
+    loop = mtloop.new_event_loop()
+
+    async def one():
+        t, p = await loop.create_connection(asyncio.Protocol, *addr)
+        t.abort()
+
+    while True:
+        exiting = state["exiting"]
+        try:
+            loop.run_until_complete(one())
+            outcome = "connected"
+        except BaseException as exc:
+            outcome = type(exc).__name__
+        if exiting:
+            state["after"].append(outcome)
+        started.set()
+        time.sleep(0.01)
+
+
+threading.Thread(target=daemon, daemon=True).start()
+started.wait(10)
+time.sleep(0.1)
+print("MAIN EXITS", len(mtloop.runtime_stats()), flush=True)
+"""
+
+
+# Defect: after the exit-time shutdown_runtime(), a daemon thread's loop
+# restarts the I/O pool (its connections keep succeeding) instead of
+# getting RuntimeError.
+def test_pool_not_restarted_after_exit_shutdown(tmp_path):
+    proc = run_child(_EXIT_CHILD, tmp_path, timeout=30)
+    out = proc.stdout
+    assert "Fatal Python error" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 0, f"rc {proc.returncode}; {out!r}; {proc.stderr[-2000:]!r}"
+    lines = dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
+    assert "POOL" in lines, out
+    after = lines.get("AFTER", "")
+    assert lines["POOL"].strip() == "0", (
+        f"I/O threads running after the exit-time shutdown: {lines['POOL'].strip()}; "
+        f"the daemon's attempts after it: {after}")
+    assert "connected" not in after, after
+
+
+# --------------------------------------------------------------------------
+# 4. a loop collected without close() while it has open transports
+
+
+_GC_CHILD = """
+import asyncio, gc, os, socket, sys, time, warnings
+warnings.simplefilter("ignore", ResourceWarning)
+import mtloop
+
+N = 20
+lsock = socket.socket()
+lsock.bind(("127.0.0.1", 0))
+lsock.listen(64)
+
+
+def make_and_drop():
+    loop = mtloop.new_event_loop()
+
+    async def connect():
+        conns = []
+        for _ in range(N):
+            conns.append(await loop.create_connection(asyncio.Protocol, *lsock.getsockname()))
+        for t, p in conns:
+            t.write(b"hello")
+        await asyncio.sleep(0.1)
+        return conns
+
+    conns = loop.run_until_complete(connect())
+    peers = []
+    lsock.settimeout(5)
+    for _ in range(N):
+        peers.append(lsock.accept()[0])
+    return peers  # the loop and its transports are dropped here, not closed
+
+
+peers = make_and_drop()
+gc.collect()
+gc.collect()
+
+closed = 0
+for peer in peers:
+    peer.settimeout(5)
+    data = b""
+    try:
+        while True:
+            chunk = peer.recv(65536)
+            if not chunk:
+                closed += 1
+                break
+            data += chunk
+    except ConnectionResetError:
+        closed += 1
+    except socket.timeout:
+        pass
+print("PEERS_CLOSED", closed, N, flush=True)
+
+# New descriptors right after: each must work and keep its bytes (an I/O
+# thread still reading or closing an old fd number would take them).
+pairs = [socket.socketpair() for _ in range(200)]
+time.sleep(0.5)
+bad = 0
+for a, b in pairs:
+    try:
+        a.sendall(b"z")
+        b.settimeout(2)
+        if b.recv(1) != b"z":
+            bad += 1
+    except OSError:
+        bad += 1
+print("FDS_BAD", bad, len(pairs), flush=True)
+for a, b in pairs:
+    a.close()
+    b.close()
+
+# The runtime still serves a new loop.
+loop = mtloop.new_event_loop()
+
+
+async def echo():
+    class Echo(asyncio.Protocol):
+        def connection_made(self, t):
+            self.t = t
+
+        def data_received(self, d):
+            self.t.write(d)
+
+    server = await loop.create_server(Echo, "127.0.0.1", 0)
+    r, w = await asyncio.open_connection(*server.sockets[0].getsockname())
+    w.write(b"echo")
+    got = await asyncio.wait_for(r.readexactly(4), 5)
+    w.close()
+    await w.wait_closed()
+    server.close()
+    await server.wait_closed()
+    return got
+
+
+print("ECHO", loop.run_until_complete(echo()), flush=True)
+loop.close()
+"""
+
+
+# Checks a loop garbage-collected without close() while it has open
+# transports: no crash or hang, the peers see the connections closed, new
+# descriptors opened right after work, no libevent warning, the runtime
+# still serves a new loop.
+def test_loop_collected_with_open_transports(tmp_path):
+    proc = run_child(_GC_CHILD, tmp_path, timeout=30)
+    out = proc.stdout
+    assert "Fatal Python error" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 0, f"rc {proc.returncode}; {out!r}; {proc.stderr[-2000:]!r}"
+    lines = dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
+    closed, n = map(int, lines["PEERS_CLOSED"].split())
+    assert closed == n, f"only {closed} of {n} peers saw their connection closed"
+    bad, total = map(int, lines["FDS_BAD"].split())
+    assert bad == 0, f"{bad} of {total} new socketpairs misbehaved"
+    assert lines["ECHO"].strip() == "b'echo'", out
+    assert "[warn]" not in proc.stderr and "[err]" not in proc.stderr, proc.stderr[-2000:]

@@ -1,15 +1,32 @@
-/* The I/O runtime: a pool of I/O threads shared by every loop in the process.
+/* The I/O runtime: a pool of I/O threads shared by every loop in the process,
+ * and the seam every transport kind plugs into.
  *
  * Each I/O thread drives its own libevent base (EVENT_BASE_FLAG_NOLOCK) and
- * owns the C half of the transports and listeners given to it.  Loops talk
- * to it only through its command queue (MPSC, woken through its waker);
- * it answers through each loop's sink (MPSC + waker), batching what one
- * iteration produced into one push and at most one wakeup per sink.  No
- * I/O thread ever touches a PyObject or the GIL.
+ * owns the C half of the transports and listeners given to it: their
+ * records.  Loops talk to a thread only through its command queue (MPSC,
+ * woken through its waker); the thread answers through each loop's sink
+ * (MPSC + waker), batching what one iteration produced into one push and at
+ * most one wakeup per sink.  No I/O thread ever touches a PyObject or the
+ * GIL.
+ *
+ * The seam, modelled on libuv's uv__io_t (the poller knows no handle type):
+ *  - a record starts with mt_record, the common head: reference count,
+ *    owning thread, sink, the I/O-side operations the runtime calls and the
+ *    loop-side operations the loop calls (loop.h), the loop half's pointer;
+ *  - messages in both directions are one generic envelope, mt_msg; a record
+ *    kind numbers its own opcodes from MT_OP_KIND and lays out its payloads;
+ *  - control operations are bits set in the record plus one embedded queue
+ *    link, so they never allocate and never fail;
+ *  - a record's last completion is its embedded RELEASED message, which
+ *    cannot fail either;
+ *  - fd readiness reaches a record through an mt_io_watch, whose callback
+ *    the record kind supplies.
+ * Adding a kind touches neither this file nor src/loop/.
  *
  * The pool starts on first use, grows on demand, stops at interpreter exit
- * or on request (a later use starts a fresh one) and is recreated lazily in
- * a child process after fork(), where the parent's threads do not exist. */
+ * or on request (a later use starts a fresh one, except after the exit-time
+ * stop) and is recreated lazily in a child process after fork(), where the
+ * parent's threads do not exist. */
 #ifndef MT_RUNTIME_H
 #define MT_RUNTIME_H
 
@@ -18,7 +35,6 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
-#include <sys/socket.h>
 #include <sys/types.h>
 
 #include "io_threads/mpsc_queue.h"
@@ -28,125 +44,166 @@
 
 typedef struct mt_io_thread mt_io_thread;
 typedef struct mt_sink mt_sink;
-typedef struct mt_io_obj mt_io_obj;
-typedef struct mt_cmd mt_cmd;
+typedef struct mt_record mt_record;
+typedef struct mt_msg mt_msg;
+struct mt_loop_ops; /* the loop's half of the seam: src/loop/loop.h */
 
-/* ---- objects owned by I/O threads ---------------------------------------- */
+/* ---- messages: the envelope ---------------------------------------------- */
 
-/* What the runtime needs of a stream or listener: its handlers. */
-typedef struct mt_io_ops {
-    /* On the owning thread: carry out a command addressed to the object. */
-    void (*command)(mt_io_thread *io, mt_io_obj *obj, mt_cmd *cmd);
-    /* On the owning thread: let go of everything now (loop closing, pool
-     * stopping).  `notify`: push a CLOSED/last completion to the sink. */
-    void (*drop)(mt_io_thread *io, mt_io_obj *obj, bool notify);
+enum {
+    MT_OP_CONTROL = 0,    /* not a message: a record's control link (below) */
+    MT_OP_SINK_CLOSE = 1, /* command: mt_runtime_close_sink() */
+    MT_OP_STOP = 2,       /* command: mt_runtime_stop() */
+    MT_OP_RELEASED = 3,   /* completion: the record's embedded last one; err */
+    MT_OP_KIND = 16,      /* record kinds number their opcodes from here */
+};
+
+/* A command (loop -> I/O thread) or a completion (I/O thread -> loop).
+ * The payload, `len` bytes laid out by the record kind, follows the
+ * header (mt_msg_data).  Records come from the buffer pool. */
+struct mt_msg {
+    mt_mpsc_node node;  /* queue link; a receiver may chain a popped message
+                           on lists of its own through node.next */
+    uint8_t op;         /* MT_OP_* or the kind's own opcode */
+    uint8_t pool_cls;   /* buffer-pool class, or MT_MSG_EMBEDDED */
+    int32_t err;        /* an errno value, or 0 */
+    mt_record *rec;     /* target or source: a reference */
+    size_t len;         /* payload bytes */
+};
+
+#define MT_MSG_EMBEDDED 0xfe /* part of a record: freeing drops the reference */
+
+static inline void *mt_msg_data(mt_msg *msg) { return msg + 1; }
+
+/* A message with room for `len` payload bytes, holding a reference on
+ * `rec` (may be NULL); NULL when out of memory.  Any thread. */
+mt_msg *mt_msg_new(uint8_t op, mt_record *rec, size_t len);
+/* Frees it and drops its reference.  Any thread. */
+void mt_msg_free(mt_msg *msg);
+
+/* ---- records: the common head ---------------------------------------------- */
+
+/* What the runtime calls on the owning I/O thread. */
+typedef struct mt_record_ops {
+    /* A message of the kind's own opcode addressed to the record.  Takes it. */
+    void (*message)(mt_io_thread *io, mt_record *rec, mt_msg *msg);
+    /* Once after each command batch in which the record was marked dirty
+     * (mt_record_mark_dirty) or given control bits: `control` holds the
+     * bits taken since the last call, in no particular order. */
+    void (*service)(mt_io_thread *io, mt_record *rec, uint32_t control);
+    /* Let go of everything now: the loop is closing (`notify` false: its
+     * sink takes nothing more) or the pool is stopping (`notify` true: end
+     * with RELEASED).  Must disown the record. */
+    void (*drop)(mt_io_thread *io, mt_record *rec, bool notify);
     /* Any thread, when the last reference goes. */
-    void (*destroy)(mt_io_obj *obj);
-} mt_io_ops;
+    void (*destroy)(mt_record *rec);
+} mt_record_ops;
 
-/* The common head of streams and listeners.
- *
- * Ownership: `refs` is atomic; `ops`, `sink` and `io` are set before the
- * object is published and then only read; `prev`/`next` (the owning
- * thread's list) belong to the I/O thread. */
-struct mt_io_obj {
+/* The link a control signal queues: same first fields as mt_msg. */
+typedef struct mt_msg_link {
+    mt_mpsc_node node;
+    uint8_t op; /* MT_OP_CONTROL */
+} mt_msg_link;
+
+/* Set in `control` while the control link is queued. */
+#define MT_CONTROL_QUEUED (1u << 31)
+
+/* Ownership: `refs` and `control` are atomics; `io`, `sink`, `ops`,
+ * `loop_ops` are set before the record is published, then only read;
+ * `owner` and `live_*` belong to the loop thread; `owned_*`, `dirty*`,
+ * `control_taken` to the owning I/O thread; `released` is written by the
+ * I/O thread before it is pushed and read by the loop after it pops it. */
+struct mt_record {
     _Atomic int refs;
-    const mt_io_ops *ops;
-    mt_sink *sink;          /* a reference */
-    mt_io_thread *io;
-    mt_io_obj *prev, *next;
+    _Atomic uint32_t control;        /* pending control bits, kind-defined */
+    mt_io_thread *io;                /* a reference */
+    mt_sink *sink;                   /* a reference */
+    const mt_record_ops *ops;
+    const struct mt_loop_ops *loop_ops;
+    void *owner;                     /* the loop half (a PyObject), borrowed;
+                                        NULL once it is gone */
+    mt_record *live_prev, *live_next;   /* the loop's list of open records */
+    mt_record *owned_prev, *owned_next; /* the thread's list of attached ones */
+    mt_record *dirty_next;
+    uint32_t control_taken;
+    bool dirty;
+    bool attached;                   /* on the thread's owned list */
+    mt_msg_link control_link;
+    mt_msg released;                 /* MT_OP_RELEASED, pushed at most once */
 };
 
-void mt_io_obj_init(mt_io_obj *obj, const mt_io_ops *ops, mt_sink *sink, mt_io_thread *io);
-static inline void mt_io_obj_incref(mt_io_obj *obj)
+/* Initialises the head (one reference, the caller's).  `loop_ops` may be
+ * NULL for records no loop dispatches (tests). */
+void mt_record_init(mt_record *rec, const mt_record_ops *ops,
+                    const struct mt_loop_ops *loop_ops, mt_sink *sink, mt_io_thread *io);
+static inline void mt_record_incref(mt_record *rec)
 {
-    atomic_fetch_add_explicit(&obj->refs, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&rec->refs, 1, memory_order_relaxed);
 }
-void mt_io_obj_decref(mt_io_obj *obj);
+void mt_record_decref(mt_record *rec);
 
-/* ---- commands: loop -> I/O thread --------------------------------------- */
+/* Sets control bits and queues the record's control link to its I/O thread
+ * unless it is queued already; the thread hands the bits to ops->service
+ * after the batch in which it took them, so every message posted before
+ * the signal has been handed to ops->message by then.  Never allocates.
+ * Returns false when the thread has stopped (the bits are moot: the thread
+ * dropped its records).  The same callers as mt_io_thread_post. */
+bool mt_record_signal(mt_record *rec, uint32_t bits);
 
-typedef enum {
-    MT_CMD_STREAM_ATTACH,   /* take the stream; reading stays off */
-    MT_CMD_STREAM_WRITE,    /* the command itself becomes an output chunk */
-    MT_CMD_STREAM_READ_ON,
-    MT_CMD_STREAM_READ_OFF,
-    MT_CMD_STREAM_CREDIT,   /* the loop consumed data: reading may resume */
-    MT_CMD_STREAM_SHUT_WR,  /* shutdown(SHUT_WR) once the output is flushed */
-    MT_CMD_STREAM_CLOSE,    /* flush, then release the fd */
-    MT_CMD_STREAM_ABORT,    /* drop the output and release the fd */
-    MT_CMD_STREAM_SENDFILE, /* after the output: sendfile() from file_fd */
-    MT_CMD_STREAM_OWN_FD,   /* the socket object let go: close the fd when done */
-    MT_CMD_LISTEN,
-    MT_CMD_UNLISTEN,
-    MT_CMD_SINK_CLOSE,      /* drop everything of a closing loop, then ack */
-    MT_CMD_STOP,            /* abort everything and end the thread */
-} mt_cmd_kind;
+/* ---- for the owning thread's handlers ------------------------------------- */
 
-typedef struct mt_latch mt_latch;
+/* Queues the record for ops->service after the current command batch. */
+void mt_record_mark_dirty(mt_io_thread *io, mt_record *rec);
+/* Puts the record on the thread's list (the list holds a reference) /
+ * takes it off.  Attached records are dropped when their sink closes or
+ * the pool stops. */
+void mt_record_attach(mt_io_thread *io, mt_record *rec);
+void mt_record_detach(mt_io_thread *io, mt_record *rec);
+/* Queues the embedded RELEASED completion with `err`: the record's last
+ * completion (nothing may be emitted for it afterwards). */
+void mt_record_release(mt_io_thread *io, mt_record *rec, int err);
+/* Queues a completion; the thread pushes each sink's batch once per
+ * iteration. */
+void mt_io_thread_emit(mt_io_thread *io, mt_msg *msg);
+/* A completion of `op` with no payload and `err`; false when out of
+ * memory (nothing was queued). */
+bool mt_io_thread_emit_op(mt_io_thread *io, mt_record *rec, uint8_t op, int err);
 
-struct mt_cmd {
-    mt_mpsc_node node;
-    struct mt_cmd *next;   /* output-queue link once a WRITE is queued */
-    uint8_t kind;
-    uint8_t pool_cls;      /* buffer-pool class of this record */
-    void *target;          /* an mt_io_obj (a reference), or the mt_sink */
-    mt_latch *latch;       /* SINK_CLOSE only */
-    size_t len;            /* WRITE: bytes in data[]; SENDFILE: count */
-    int64_t offset;        /* SENDFILE: file offset */
-    int file_fd;           /* SENDFILE */
-    char data[];
-};
-
-/* Allocates a command with room for `len` bytes of data (from the buffer
- * pool; NULL when out of memory).  Any thread frees it with mt_cmd_free(). */
-mt_cmd *mt_cmd_new(mt_cmd_kind kind, void *target, size_t len);
-void mt_cmd_free(mt_cmd *cmd);
-
-/* Pushes a chain of commands (linked through node.next, first..last) to an
- * I/O thread and wakes it if it sleeps.  Returns false, leaving the chain
- * to the caller, when the thread has stopped.  Any thread. */
-bool mt_io_thread_post(mt_io_thread *io, mt_cmd *first, mt_cmd *last);
-
-/* ---- completions: I/O thread -> loop ------------------------------------ */
-
-typedef enum {
-    MT_DONE_DATA,           /* len bytes in data[] */
-    MT_DONE_EOF,
-    MT_DONE_READ_ERROR,     /* err */
-    MT_DONE_WRITE_ERROR,    /* err */
-    MT_DONE_DRAINED,        /* flushed output passed the loop's mark */
-    MT_DONE_BLOCKED,        /* the socket refused output the loop asked about */
-    MT_DONE_SENDFILE,       /* len bytes sent; err 0 or the error */
-    MT_DONE_CLOSED,         /* the I/O thread let go of the fd; the last one,
-                               except the SENDFILE answering a command that
-                               arrived after it (ECONNABORTED) */
-    MT_DONE_ACCEPT,         /* fd, addr */
-    MT_DONE_ACCEPT_ERROR,   /* err */
-} mt_done_kind;
-
-typedef struct mt_done {
-    mt_mpsc_node node;
-    uint8_t kind;
-    uint8_t pool_cls;      /* buffer-pool class of this record */
-    int err;
+/* fd readiness for a record, as libuv's uv__io_t: the callback is the
+ * kind's, the runtime only polls.  One libevent event, re-assigned when
+ * the interest changes (a second event cost about 170 bytes a
+ * connection).  Owning thread only. */
+enum { MT_IO_READ = 1, MT_IO_WRITE = 2 };
+typedef struct mt_io_watch mt_io_watch;
+typedef void (*mt_io_watch_cb)(mt_io_watch *w, unsigned events);
+struct mt_io_watch {
+    struct event *ev;
+    mt_io_thread *io;
+    mt_io_watch_cb cb;
     int fd;
-    mt_io_obj *source;     /* a reference */
-    size_t len;
-    socklen_t addrlen;
-    struct sockaddr_storage *addr; /* ACCEPT: points into data[] */
-    char data[];
-} mt_done;
+    uint8_t interest; /* what it is added for now */
+};
+/* Returns 0, or -1 with errno set (nothing is watched yet). */
+int mt_io_watch_open(mt_io_watch *w, mt_io_thread *io, int fd, mt_io_watch_cb cb);
+/* Watches for `interest` (0: nothing).  Returns 0, or -1 with errno when
+ * the poller refused (the watch is then off). */
+int mt_io_watch_set(mt_io_watch *w, unsigned interest);
+void mt_io_watch_close(mt_io_watch *w);
 
-mt_done *mt_done_new(mt_done_kind kind, mt_io_obj *source, size_t len);
-/* Frees the record and drops its reference on the source. */
-void mt_done_free(mt_done *done);
+/* ---- commands: loop -> I/O thread ------------------------------------------ */
+
+/* Pushes a chain of messages (linked through node.next, first..last) to an
+ * I/O thread and wakes it if it sleeps.  Returns false, leaving the chain
+ * to the caller, when the thread has stopped.  Callers hold the GIL, which
+ * orders them against mt_runtime_stop(); without it they must not race a
+ * stop. */
+bool mt_io_thread_post(mt_io_thread *io, mt_msg *first, mt_msg *last);
 
 /* ---- sinks: one per loop ------------------------------------------------- */
 
 /* A loop's completion queue.  Reference-counted because I/O threads may
- * hold it after the loop object is gone: every stream and listener holds
- * one reference, the loop another.
+ * hold it after the loop object is gone: every record holds one reference,
+ * the loop another.
  *
  * Ownership: `queue` is pushed by any thread and popped by the loop thread;
  * `waker` is shared (atomics), its fd is watched by the loop's base;
@@ -161,21 +218,19 @@ mt_sink *mt_sink_new(void);
 void mt_sink_incref(mt_sink *sink);
 void mt_sink_decref(mt_sink *sink);
 /* Pushes a chain (linked through node.next) and wakes the loop if it sleeps. */
-void mt_sink_push(mt_sink *sink, mt_done *first, mt_done *last);
+void mt_sink_push(mt_sink *sink, mt_msg *first, mt_msg *last);
+/* Loop thread: the next completion, or NULL (see mt_mpsc_queue_pop). */
+static inline mt_msg *mt_sink_pop(mt_sink *sink)
+{
+    mt_mpsc_node *node = mt_mpsc_queue_pop(&sink->queue);
+    return node ? MT_CONTAINER_OF(node, mt_msg, node) : NULL;
+}
 
-/* A countdown a loop blocks on (without the GIL) while I/O threads let go
- * of its streams.  Ownership: `pending` is guarded by `mu`. */
-struct mt_latch {
-    int pending;
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-};
-
-void mt_latch_init(mt_latch *l);
-void mt_latch_add(mt_latch *l);
-void mt_latch_done(mt_latch *l);
-void mt_latch_wait(mt_latch *l);
-void mt_latch_destroy(mt_latch *l);
+/* Makes each of the `n` threads drop the records of `sink` it owns (no
+ * RELEASED: the loop is closing) and waits until every one has; completions
+ * they had already queued stay in the sink for the caller to free.
+ * Threads that stopped are skipped.  Blocks: call without the GIL. */
+void mt_runtime_close_sink(mt_sink *sink, mt_io_thread *const *io, int n);
 
 /* ---- the pool ------------------------------------------------------------ */
 
@@ -206,17 +261,22 @@ typedef struct mt_io_snapshot {
 } mt_io_snapshot;
 
 /* Makes sure at least `n` threads run (starting the pool if needed) and
- * stores the first `n` in `out`.  Returns 0, or -1 with errno set. */
+ * stores the first `n` in `out`, each with a reference the caller gives
+ * back with mt_io_thread_decref().  Returns 0, or -1 with errno set
+ * (ESHUTDOWN after mt_runtime_finalize()). */
 int mt_runtime_acquire(int n, mt_io_thread **out);
-/* Tells every thread to stop (their transports are aborted) and marks
- * them stopped, so that posts fail from now on.  Does not block: the
- * extension calls it with the GIL held, which orders it against every
- * post. */
+/* Tells every thread to stop (their records are dropped, with RELEASED)
+ * and marks them stopped, so that posts fail from now on.  Does not
+ * block: the extension calls it with the GIL held, which orders it
+ * against every post. */
 void mt_runtime_stop(void);
 /* Joins the threads stopped so far.  Blocks: call without the GIL. */
 void mt_runtime_join(void);
 /* mt_runtime_stop() then mt_runtime_join(), for callers without a GIL. */
 void mt_runtime_shutdown(void);
+/* The interpreter is exiting: no pool may start again in this process
+ * (a loop in a daemon thread would otherwise restart it). */
+void mt_runtime_finalize(void);
 /* Number of threads running now. */
 int mt_runtime_size(void);
 /* Copies thread i's counters; false if there is no such thread. */
@@ -224,6 +284,9 @@ bool mt_runtime_snapshot(int i, mt_io_snapshot *out);
 /* The default pool size: $MTLOOP_IO_THREADS if valid, else from the CPU
  * count (never zero). */
 int mt_runtime_default_size(void);
+/* Thread records allocated and not yet freed (started, stopped or
+ * referenced): for tests. */
+int mt_runtime_threads_allocated(void);
 
 /* Registers the fork handler; once, at module import. */
 void mt_runtime_init(void);
@@ -231,21 +294,15 @@ void mt_runtime_init(void);
  * generation belong to the parent. */
 unsigned mt_fork_generation(void);
 
+/* A stopped thread stays allocated while records or loops refer to it. */
+void mt_io_thread_incref(mt_io_thread *io);
+void mt_io_thread_decref(mt_io_thread *io);
 bool mt_io_thread_stopped(mt_io_thread *io);
 /* True while the thread is blocked in (or about to block in) its wait:
  * work handed to it now costs a wakeup.  A racy hint, any thread. */
 bool mt_io_thread_sleeping(mt_io_thread *io);
 int mt_io_thread_index(mt_io_thread *io);
-
-/* ---- for the owning thread's handlers ----------------------------------- */
-
 struct event_base *mt_io_thread_base(mt_io_thread *io);
 mt_io_stats *mt_io_thread_stats(mt_io_thread *io);
-/* Queues a completion; the thread pushes each sink's batch once per
- * iteration. */
-void mt_io_thread_emit(mt_io_thread *io, mt_done *done);
-/* Adds/removes an object on the thread's list (a reference is held). */
-void mt_io_thread_own(mt_io_thread *io, mt_io_obj *obj);
-void mt_io_thread_disown(mt_io_thread *io, mt_io_obj *obj);
 
 #endif

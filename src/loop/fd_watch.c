@@ -44,7 +44,15 @@ static int ensure_slot(mt_loop *loop, int fd)
     return 0;
 }
 
-int mt_fd_watch_add(mt_loop *loop, int fd, int dir, PyObject *handle)
+int mt_fd_watch_find(mt_loop *loop, PyObject *fileobj)
+{
+    for (size_t fd = 0; fd < loop->watches_len; fd++)
+        if (loop->watches[fd].fileobj == fileobj)
+            return (int)fd;
+    return -1;
+}
+
+int mt_fd_watch_add(mt_loop *loop, int fd, int dir, PyObject *handle, PyObject *fileobj)
 {
     if (fd < 0) {
         PyErr_Format(PyExc_ValueError, "Invalid file descriptor: %d", fd);
@@ -74,6 +82,7 @@ int mt_fd_watch_add(mt_loop *loop, int fd, int dir, PyObject *handle)
         }
         w->events[dir] = ev;
     }
+    Py_XSETREF(w->fileobj, Py_NewRef(fileobj));
     PyObject *old = w->handles[dir];
     w->handles[dir] = Py_NewRef(handle);
     if (old != NULL) {
@@ -97,6 +106,8 @@ static PyObject *detach(mt_loop *loop, int fd, int dir)
     }
     PyObject *h = w->handles[dir];
     w->handles[dir] = NULL;
+    if (w->handles[!dir] == NULL)
+        Py_CLEAR(w->fileobj);
     return h;
 }
 
@@ -157,6 +168,7 @@ void mt_fd_watch_clear_all(mt_loop *loop)
     for (size_t fd = 0; fd < len; fd++) {
         Py_XDECREF(watches[fd].handles[0]);
         Py_XDECREF(watches[fd].handles[1]);
+        Py_XDECREF(watches[fd].fileobj);
     }
     free(watches);
 }
@@ -166,6 +178,7 @@ int mt_fd_watch_traverse(mt_loop *loop, visitproc visit, void *arg)
     for (size_t fd = 0; fd < loop->watches_len; fd++) {
         Py_VISIT(loop->watches[fd].handles[0]);
         Py_VISIT(loop->watches[fd].handles[1]);
+        Py_VISIT(loop->watches[fd].fileobj);
     }
     return 0;
 }

@@ -4,16 +4,13 @@
 #include <errno.h>
 #include <event2/event.h>
 #include <math.h>
+#include <string.h>
 #include <structmember.h>
 #include <time.h>
 
 #include "loop/fd_watch.h"
 #include "loop/handle.h"
 #include "pyext/module.h"
-#include "transport/listener.h"
-#include "transport/listener_core.h"
-#include "transport/stream.h"
-#include "transport/stream_core.h"
 
 /* A call_soon_threadsafe() handle on its way through the MPSC queue. */
 typedef struct mt_pending {
@@ -295,6 +292,22 @@ static int fileobj_to_fd(PyObject *fileobj)
     return (int)fd;
 }
 
+/* The fd a watcher call names: fileobj_to_fd(), except that a closed
+ * socket (fileno() -1) still names the fd it was registered for, as the
+ * stock loop's selector finds a registration by the object it was given:
+ * a library may close a socket first and unregister it after, and the fd
+ * number's next owner must find it unwatched. */
+static int watched_fd(mt_loop *self, PyObject *fileobj)
+{
+    int fd = fileobj_to_fd(fileobj);
+    if (fd >= 0 || !PyErr_ExceptionMatches(PyExc_ValueError))
+        return fd;
+    int found = mt_fd_watch_find(self, fileobj);
+    if (found >= 0)
+        PyErr_Clear();
+    return found;
+}
+
 /* Adding or removing a watcher touches the base, which only the loop thread
  * may do; asyncio leaves this unchecked, but here it would corrupt the base. */
 static int check_watch_thread(mt_loop *self)
@@ -316,7 +329,7 @@ static PyObject *add_watch(mt_loop *self, int dir, PyObject *const *args, Py_ssi
                      fname, nargs == 0 ? "fd" : "callback");
         return NULL;
     }
-    int fd = fileobj_to_fd(args[0]);
+    int fd = watched_fd(self, args[0]);
     if (fd < 0)
         return NULL;
     if (self->closed || self->core_closed)
@@ -326,7 +339,7 @@ static PyObject *add_watch(mt_loop *self, int dir, PyObject *const *args, Py_ssi
     PyObject *h = mt_handle_new(self, args[1], args + 2, nargs - 2, NULL);
     if (h == NULL)
         return NULL;
-    if (mt_fd_watch_add(self, fd, dir, h) < 0) {
+    if (mt_fd_watch_add(self, fd, dir, h, args[0]) < 0) {
         Py_DECREF(h);
         return NULL;
     }
@@ -335,7 +348,7 @@ static PyObject *add_watch(mt_loop *self, int dir, PyObject *const *args, Py_ssi
 
 static PyObject *remove_watch(mt_loop *self, int dir, PyObject *fileobj)
 {
-    int fd = fileobj_to_fd(fileobj);
+    int fd = watched_fd(self, fileobj);
     if (fd < 0)
         return NULL;
     if (self->closed || self->core_closed)
@@ -508,18 +521,15 @@ static int run_ready_debug(mt_loop *self, PyObject *h)
     return rc;
 }
 
-/* Hands I/O threads' completions to their transports and servers.  At
- * most a bounded batch per iteration, so a flood cannot starve timers. */
+/* Hands I/O threads' completions to their records' loop halves.  At most
+ * a bounded batch per iteration, so a flood cannot starve timers. */
 static int drain_completions(mt_loop *self)
 {
     for (int i = 0; i < MT_MAX_COMPLETIONS_PER_ITERATION; i++) {
-        mt_mpsc_node *node = mt_mpsc_queue_pop(&self->sink->queue);
-        if (node == NULL)
+        mt_msg *msg = mt_sink_pop(self->sink);
+        if (msg == NULL)
             return 0;
-        mt_done *done = MT_CONTAINER_OF(node, mt_done, node);
-        int rc = done->source->ops == &mt_stream_ops ? mt_stream_core_dispatch(self, done)
-                                                     : mt_listener_core_dispatch(self, done);
-        if (rc < 0)
+        if (msg->rec->loop_ops->dispatch(self, msg) < 0)
             return -1;
     }
     return 0;
@@ -533,17 +543,33 @@ static PyObject *forked_error(void)
     return NULL;
 }
 
-int mt_loop_check_usable(mt_loop *loop)
+int mt_loop_check_fork(mt_loop *loop)
 {
     if (loop->fork_generation != mt_fork_generation()) {
         forked_error();
         return -1;
     }
+    return 0;
+}
+
+int mt_loop_check_usable(mt_loop *loop)
+{
+    if (mt_loop_check_fork(loop) < 0)
+        return -1;
     if (loop->core_closed || loop->closed) {
         loop_closed_error();
         return -1;
     }
     return 0;
+}
+
+static void release_io(mt_loop *loop)
+{
+    if (!loop->io_acquired)
+        return;
+    loop->io_acquired = false;
+    for (int i = 0; i < loop->io_count; i++)
+        mt_io_thread_decref(loop->io[i]);
 }
 
 mt_io_thread *mt_loop_pick_io(mt_loop *loop)
@@ -553,52 +579,77 @@ mt_io_thread *mt_loop_pick_io(mt_loop *loop)
     unsigned i = loop->io_next++ % (unsigned)loop->io_count;
     if (!loop->io_acquired || mt_io_thread_stopped(loop->io[i])) {
         /* First use, or the pool was shut down and restarted since. */
-        if (mt_runtime_acquire(loop->io_count, loop->io) < 0) {
-            PyErr_SetFromErrno(PyExc_OSError);
+        mt_io_thread *io[MT_IO_THREADS_MAX];
+        if (mt_runtime_acquire(loop->io_count, io) < 0) {
+            if (errno == ESHUTDOWN)
+                PyErr_SetString(PyExc_RuntimeError,
+                                "mtloop's I/O threads were shut down at interpreter exit");
+            else
+                PyErr_SetFromErrno(PyExc_OSError);
             return NULL;
         }
+        release_io(loop);
+        memcpy(loop->io, io, (size_t)loop->io_count * sizeof(*io));
         loop->io_acquired = true;
     }
     return loop->io[i];
 }
 
-void mt_loop_post(mt_io_thread *io, mt_cmd *cmd)
+void mt_loop_link(mt_loop *loop, mt_record *rec)
 {
-    atomic_store_explicit(&cmd->node.next, NULL, memory_order_relaxed);
-    if (!mt_io_thread_post(io, cmd, cmd))
-        mt_cmd_free(cmd); /* the pool stopped: its threads aborted every transport */
+    Py_INCREF((PyObject *)rec->owner);
+    rec->live_prev = NULL;
+    rec->live_next = loop->live;
+    if (loop->live)
+        loop->live->live_prev = rec;
+    loop->live = rec;
 }
 
-/* Makes every I/O thread let go of this loop's transports and listeners,
- * waiting (without the GIL) until they have, then frees what they had
- * already sent. */
+void mt_loop_unlink(mt_loop *loop, mt_record *rec)
+{
+    if (rec->live_prev)
+        rec->live_prev->live_next = rec->live_next;
+    else if (loop->live == rec)
+        loop->live = rec->live_next;
+    else
+        return; /* not linked */
+    if (rec->live_next)
+        rec->live_next->live_prev = rec->live_prev;
+    rec->live_prev = rec->live_next = NULL;
+    Py_DECREF((PyObject *)rec->owner);
+}
+
+bool mt_loop_idle(mt_loop *loop)
+{
+    return mt_ready_queue_len(&loop->ready) == 0 && mt_mpsc_queue_is_empty(&loop->sink->queue);
+}
+
+/* Makes every I/O thread let go of this loop's records, waiting (without
+ * the GIL) until they have; then frees what they had already sent and
+ * detaches the loop halves still open. */
 static void close_sink(mt_loop *self)
 {
+    if (self->sink == NULL)
+        return;
     if (self->fork_generation == mt_fork_generation() && self->io_acquired) {
-        mt_latch latch;
-        mt_latch_init(&latch);
-        for (int i = 0; i < self->io_count; i++) {
-            mt_cmd *cmd = mt_cmd_new(MT_CMD_SINK_CLOSE, self->sink, 0);
-            if (cmd == NULL)
-                continue;
-            cmd->latch = &latch;
-            mt_latch_add(&latch);
-            if (!mt_io_thread_post(self->io[i], cmd, cmd)) {
-                mt_latch_done(&latch);
-                mt_cmd_free(cmd);
-            }
-        }
         Py_BEGIN_ALLOW_THREADS
-        mt_latch_wait(&latch);
+        mt_runtime_close_sink(self->sink, self->io, self->io_count);
         Py_END_ALLOW_THREADS
-        mt_latch_destroy(&latch);
+        mt_msg *msg;
+        while ((msg = mt_sink_pop(self->sink)) != NULL)
+            msg->rec->loop_ops->discard(msg);
     }
     /* After fork() the parent's threads are gone and nothing drains what
-     * they held: it is left as it is. */
-    mt_mpsc_node *node;
-    while ((node = mt_mpsc_queue_pop(&self->sink->queue)) != NULL)
-        mt_done_free(MT_CONTAINER_OF(node, mt_done, node));
-    mt_stream_core_detach_all(self);
+     * they held: it is left as it is, and the loop halves only let go of
+     * their Python objects. */
+    while (self->live != NULL) {
+        mt_record *rec = self->live;
+        rec->loop_ops->detach(self, rec);
+        if (self->live == rec)
+            mt_loop_unlink(self, rec); /* a detach that forgot to */
+    }
+    if (self->fork_generation == mt_fork_generation())
+        release_io(self); /* in a child the references are the parent's */
 }
 
 static PyObject *loop_check_usable(mt_loop *self, PyObject *Py_UNUSED(ignored))
@@ -616,6 +667,11 @@ static PyObject *loop_run_once(mt_loop *self, PyObject *Py_UNUSED(ignored))
     if (self->fork_generation != mt_fork_generation())
         return forked_error();
 
+    /* Signal handlers that came in since the last wait run before the
+     * timeout is chosen: what they schedule (a callback, stop()) must not
+     * wait behind a wait that did not know of it. */
+    if (PyErr_CheckSignals() < 0)
+        return NULL;
     drop_cancelled_timers(self);
     bool drained = drain_threadsafe(self);
 
@@ -639,10 +695,6 @@ static PyObject *loop_run_once(mt_loop *self, PyObject *Py_UNUSED(ignored))
         if (!mt_mpsc_queue_is_empty(&self->threadsafe) ||
             !mt_mpsc_queue_is_empty(&self->sink->queue))
             timeout = 0.0;
-    }
-    if (PyErr_CheckSignals() < 0) {
-        mt_waker_awake(&self->sink->waker);
-        return NULL;
     }
     int rc = wait_for_events(self, timeout);
     mt_waker_awake(&self->sink->waker);
@@ -722,7 +774,9 @@ static void core_release(mt_loop *self)
         if (dead == NULL || PyList_Append(dead, h) == 0)
             Py_DECREF(h);
     }
-    if (self->fork_generation != mt_fork_generation()) {
+    bool forked = self->fork_generation != mt_fork_generation();
+    close_sink(self);
+    if (forked) {
         /* A child of fork(): the event base shares its epoll instance with
          * the parent's loop, so unregistering anything would break the
          * parent.  Everything C-side is left as it is. */
@@ -731,8 +785,6 @@ static void core_release(mt_loop *self)
         self->sink = NULL;
     }
     mt_fd_watch_clear_all(self);
-    if (self->sink != NULL)
-        close_sink(self);
     if (self->timeout_event)
         event_free(self->timeout_event);
     if (self->waker_event)
@@ -818,8 +870,8 @@ static int loop_traverse(mt_loop *self, visitproc visit, void *arg)
     for (size_t i = 0; i < mt_timer_heap_len(&self->timers); i++)
         Py_VISIT((PyObject *)self->timers.items[i].data);
     Py_VISIT(self->current_handle);
-    for (mt_stream_core *c = self->live; c != NULL; c = c->live_next)
-        Py_VISIT((PyObject *)c);
+    for (mt_record *rec = self->live; rec != NULL; rec = rec->live_next)
+        Py_VISIT((PyObject *)rec->owner);
     return mt_fd_watch_traverse(self, visit, arg);
 }
 

@@ -30,7 +30,6 @@ struct event_base;
 struct event;
 typedef struct mt_fd_watch mt_fd_watch;
 typedef struct mt_loop mt_loop;
-typedef struct mt_stream_core mt_stream_core;
 
 /* An fd event reported by libevent during a wait: recorded without the GIL
  * and turned into ready handles after the wait. */
@@ -54,13 +53,14 @@ struct mt_loop {
                                       also serves call_soon_threadsafe */
 
     /* The I/O threads this loop spreads its transports over (acquired on
-     * first use). */
+     * first use; a reference each). */
     int io_count;
     bool io_acquired;
     unsigned io_next;              /* round robin */
     mt_io_thread *io[MT_IO_THREADS_MAX];
     unsigned fork_generation;      /* of the process that made the loop */
-    mt_stream_core *live;          /* open transports' loop halves */
+    mt_record *live;               /* records whose loop half is open: the
+                                      list holds a reference to each owner */
 
     mt_fd_watch *watches;          /* indexed by fd */
     size_t watches_len;
@@ -93,20 +93,42 @@ PyObject *mt_loop_source_traceback(mt_loop *loop);
 
 int mt_loop_type_init(PyObject *module);
 
-/* ---- for transports ----------------------------------------------------- */
+/* ---- for transports: the loop's half of the seam ---------------------- */
+
+/* What the loop calls on a record's loop half.  A record kind provides one
+ * table (mt_record.loop_ops) and the loop dispatches every completion
+ * through it, so the loop knows no transport kind. */
+typedef struct mt_loop_ops {
+    /* Loop thread, GIL held: one completion of the record (msg->rec).
+     * Takes `msg`.  Returns -1 only for an exception that must leave the
+     * run loop (KeyboardInterrupt, SystemExit). */
+    int (*dispatch)(mt_loop *loop, mt_msg *msg);
+    /* Loop thread: a completion the loop will not dispatch (it is
+     * closing).  Frees `msg` and what its payload owns (an accepted fd). */
+    void (*discard)(mt_msg *msg);
+    /* Loop thread: the loop is closing and its I/O threads have dropped
+     * the record: the loop half lets go of its Python objects and the
+     * record, and unlinks it (mt_loop_unlink). */
+    void (*detach)(mt_loop *loop, mt_record *rec);
+} mt_loop_ops;
 
 /* Raises RuntimeError (and returns -1) when the loop is closed or was made
  * before a fork() in another process. */
 int mt_loop_check_usable(mt_loop *loop);
-/* The I/O thread for a new transport or listener (round robin), starting
- * the pool on first use.  NULL with an exception set on failure. */
+/* Raises RuntimeError (and returns -1) in a child of fork() for a loop the
+ * parent made: nothing of the parent's may be touched there. */
+int mt_loop_check_fork(mt_loop *loop);
+/* The I/O thread for a new record (round robin), starting the pool on
+ * first use.  NULL with an exception set on failure. */
 mt_io_thread *mt_loop_pick_io(mt_loop *loop);
-/* Sends a command to its I/O thread at once, waking it if it sleeps (the
- * waker makes that one eventfd write per sleep, however many commands
- * follow).  Holding commands back to the end of the iteration saved
- * nothing measurable and delayed every write behind the rest of the
- * iteration's callbacks: the heavy-handler benchmark ran at 0.6x of what
- * it runs at now (8.4k against 13-14k requests/s).  Takes `cmd`. */
-void mt_loop_post(mt_io_thread *io, mt_cmd *cmd);
+/* Puts a record on the loop's list of open records, which keeps its owner
+ * (rec->owner, a PyObject) alive, as a selector's registration keeps the
+ * stock loop's transports; closing the loop detaches every record still
+ * on it.  mt_loop_unlink takes it off (and drops that reference). */
+void mt_loop_link(mt_loop *loop, mt_record *rec);
+void mt_loop_unlink(mt_loop *loop, mt_record *rec);
+/* True when the loop has nothing to do right now but wait: no ready
+ * callback and no completion queued.  A hint for the direct send. */
+bool mt_loop_idle(mt_loop *loop);
 
 #endif

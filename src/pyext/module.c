@@ -86,6 +86,19 @@ static PyObject *shutdown_runtime(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(a)
     Py_RETURN_NONE;
 }
 
+static PyObject *shutdown_at_exit(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(a))
+{
+    /* A loop still running in a daemon thread must not start a new pool
+     * while the interpreter goes down. */
+    mt_runtime_finalize();
+    return shutdown_runtime(NULL, NULL);
+}
+
+static PyObject *threads_allocated(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(a))
+{
+    return PyLong_FromLong(mt_runtime_threads_allocated());
+}
+
 static PyObject *default_io_threads(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(a))
 {
     return PyLong_FromLong(mt_runtime_default_size());
@@ -97,6 +110,10 @@ static PyMethodDef module_methods[] = {
      "Per-I/O-thread counters of the running pool, as a list of dicts."},
     {"shutdown_runtime", shutdown_runtime, METH_NOARGS,
      "Stop and join the I/O threads; their transports are aborted."},
+    {"_shutdown_at_exit", shutdown_at_exit, METH_NOARGS,
+     "shutdown_runtime(), and no pool starts again in this process."},
+    {"_threads_allocated", threads_allocated, METH_NOARGS,
+     "I/O thread records still allocated (running, or kept by a reference)."},
     {"default_io_threads", default_io_threads, METH_NOARGS,
      "The pool size used when a loop does not ask for one."},
     {NULL, NULL, 0, NULL},

@@ -1,6 +1,8 @@
 /* Listener: the loop-thread half of a server socket served by an I/O
- * thread.  It turns ACCEPT completions into calls of a Python callback
- * (mtloop's Loop builds the transport) and accept errors into another. */
+ * thread.  It turns ACCEPT completions into calls of a Python callback,
+ * on_accept(fd, address), which owns the fd from then on (mtloop's Loop
+ * builds the transport around it), and accept errors into on_error(errno);
+ * each handled ACCEPT gives the I/O thread its credit back. */
 #ifndef MT_LISTENER_CORE_H
 #define MT_LISTENER_CORE_H
 
@@ -10,7 +12,5 @@
 extern PyTypeObject mt_ListenerType;
 
 int mt_listener_core_type_init(PyObject *module);
-/* Takes `done`.  -1 only for what must leave the run loop. */
-int mt_listener_core_dispatch(mt_loop *loop, mt_done *done);
 
 #endif

@@ -1,10 +1,11 @@
-/* StreamCore: the loop-thread half of stream transports.  See
- * stream_core.h; the Python half is mtloop/_transports.py. */
+/* StreamCore: the loop-thread half of flows.  See stream_core.h; the
+ * Python half is mtloop/_transports.py, the I/O half flow_pump.c. */
 #include "transport/stream_core.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <structmember.h>
-#include <sys/socket.h>
+#include <unistd.h>
 
 #include "pyext/module.h"
 
@@ -12,88 +13,137 @@ static PyObject *buffered_protocol_type; /* asyncio.BufferedProtocol */
 
 #define DEFAULT_HIGH_WATER (64 * 1024)
 
-static int64_t unconsumed_sub(mt_stream *s, size_t n)
+typedef struct mt_stream_core {
+    PyObject_HEAD
+    mt_loop *loop;              /* strong */
+    mt_flow *flow;              /* a reference until release(); its rec.io
+                                   is the owning thread */
+    PyObject *transport;        /* strong until RELEASED is dispatched */
+    PyObject *protocol;
+    PyObject *data_received;    /* bound methods, cached; cleared by
+                                   set_protocol() */
+    PyObject *get_buffer;
+    PyObject *buffer_updated;
+    PyObject *sendfile_waiter;  /* future of a running sendfile, or NULL */
+    bool buffered;
+
+    /* asyncio's transport state, shared with the Python class. */
+    bool closing, eof, reading_paused, reading_started, protocol_paused;
+    bool closed;                /* the I/O thread released the flow */
+    bool sendfile_running;      /* a SENDFILE is out, its DONE not back yet */
+    bool redelivery_scheduled;  /* a callback will hand deferred_* over */
+    int conn_lost;
+    Py_ssize_t high_water, low_water;
+    uint64_t queued;            /* bytes handed to WRITE messages */
+    uint64_t flushed_seen;      /* the flow's `flushed` as of the last pause
+                                   or DRAINED: the size reported while
+                                   paused, so it drops to the low mark in
+                                   the same step as resume_writing() */
+
+    /* Read completions held back while reading is paused. */
+    mt_msg *deferred_head, *deferred_tail;
+} mt_stream_core;
+
+static const mt_loop_ops stream_loop_ops;
+
+/* ---- talking to the I/O thread ------------------------------------------- */
+
+/* In a child of fork(), the flow, its I/O thread and the peer are the
+ * parent's: every entry point refuses. */
+static int check_fork(mt_stream_core *self)
 {
-    return atomic_fetch_sub_explicit(&s->unconsumed, (int64_t)n, memory_order_seq_cst) -
-           (int64_t)n;
+    return mt_loop_check_fork(self->loop);
 }
 
-static void post(mt_stream_core *self, mt_cmd_kind kind)
+static void signal_flow(mt_stream_core *self, uint32_t bits)
 {
-    mt_cmd *cmd = mt_cmd_new(kind, &self->stream->obj, 0);
-    if (cmd == NULL) {
-        /* 64 bytes short: the command is lost, say so loudly. */
-        PyErr_NoMemory();
-        PyErr_WriteUnraisable((PyObject *)self);
-        return;
-    }
-    mt_loop_post(self->stream->obj.io, cmd);
+    if (self->flow != NULL)
+        (void)mt_record_signal(&self->flow->rec, bits); /* a stopped pool
+                                                           released it */
 }
 
-/* The loop consumed `n` delivered bytes: give the credit back and restart
- * a starved reader once half of the credit is free again. */
+static void post(mt_stream_core *self, mt_msg *msg)
+{
+    if (!mt_io_thread_post(self->flow->rec.io, msg, msg))
+        mt_msg_free(msg); /* the pool stopped: RELEASED is on its way */
+}
+
+/* The loop consumed `n` delivered bytes: give the credit back, restarting
+ * a reader that stopped for it. */
 static void return_credit(mt_stream_core *self, size_t n)
 {
-    mt_stream *s = self->stream;
-    if (unconsumed_sub(s, n) >= MT_READ_CREDIT / 2)
-        return;
-    if (atomic_load_explicit(&s->read_starved, memory_order_seq_cst) &&
-        atomic_exchange(&s->read_starved, false) && !self->closed)
-        post(self, MT_CMD_STREAM_CREDIT);
+    if (mt_flow_consumed(self->flow, n) && !self->closed)
+        signal_flow(self, MT_FLOW_CREDIT);
 }
 
-static void free_done(mt_stream_core *self, mt_done *done)
+static void free_msg(mt_stream_core *self, mt_msg *msg)
 {
-    if (done->kind == MT_DONE_DATA && self->stream != NULL)
-        return_credit(self, done->len);
-    mt_done_free(done);
+    if (msg->op == MT_FLOW_DATA && self->flow != NULL)
+        return_credit(self, msg->len);
+    mt_msg_free(msg);
+}
+
+static mt_msg *next_msg(mt_msg *msg)
+{
+    mt_mpsc_node *next = atomic_load_explicit(&msg->node.next, memory_order_relaxed);
+    return next ? MT_CONTAINER_OF(next, mt_msg, node) : NULL;
 }
 
 static void drop_deferred(mt_stream_core *self)
 {
-    while (self->deferred_head != NULL) {
-        mt_done *d = self->deferred_head;
-        self->deferred_head = MT_CONTAINER_OF(
-            atomic_load_explicit(&d->node.next, memory_order_relaxed), mt_done, node);
-        if (d == self->deferred_tail)
-            self->deferred_head = NULL;
-        free_done(self, d);
+    mt_msg *m = self->deferred_head;
+    self->deferred_head = self->deferred_tail = NULL;
+    while (m != NULL) {
+        mt_msg *next = next_msg(m);
+        free_msg(self, m);
+        m = next;
     }
-    self->deferred_tail = NULL;
 }
 
-static void defer(mt_stream_core *self, mt_done *done)
+static void defer(mt_stream_core *self, mt_msg *msg)
 {
-    atomic_store_explicit(&done->node.next, NULL, memory_order_relaxed);
+    atomic_store_explicit(&msg->node.next, NULL, memory_order_relaxed);
     if (self->deferred_tail)
-        atomic_store_explicit(&self->deferred_tail->node.next, &done->node,
+        atomic_store_explicit(&self->deferred_tail->node.next, &msg->node,
                               memory_order_relaxed);
     else
-        self->deferred_head = done;
-    self->deferred_tail = done;
+        self->deferred_head = msg;
+    self->deferred_tail = msg;
 }
 
-static mt_done *undefer(mt_stream_core *self)
+static mt_msg *undefer(mt_stream_core *self)
 {
-    mt_done *d = self->deferred_head;
-    if (d == NULL)
-        return NULL;
-    if (d == self->deferred_tail) {
-        self->deferred_head = self->deferred_tail = NULL;
-    } else {
-        self->deferred_head = MT_CONTAINER_OF(
-            atomic_load_explicit(&d->node.next, memory_order_relaxed), mt_done, node);
+    mt_msg *m = self->deferred_head;
+    if (m != NULL) {
+        self->deferred_head = next_msg(m);
+        if (self->deferred_head == NULL)
+            self->deferred_tail = NULL;
     }
-    return d;
+    return m;
+}
+
+/* Lets go of the flow for good: its fd closes once the I/O thread has let
+ * go too.  The I/O thread was told to close or abort before. */
+static void release_flow(mt_stream_core *self)
+{
+    mt_flow *f = self->flow;
+    if (f == NULL)
+        return;
+    drop_deferred(self);
+    mt_loop_unlink(self->loop, &f->rec);
+    f->rec.owner = NULL;
+    self->flow = NULL;
+    mt_flow_drop_fd(f);
+    mt_record_decref(&f->rec);
 }
 
 static uint64_t write_buffer_size(mt_stream_core *self)
 {
-    if (self->closed || self->stream == NULL)
+    if (self->closed || self->flow == NULL)
         return 0;
     uint64_t flushed = self->protocol_paused
                            ? self->flushed_seen
-                           : atomic_load_explicit(&self->stream->flushed, memory_order_acquire);
+                           : atomic_load_explicit(&self->flow->flushed, memory_order_acquire);
     return self->queued > flushed ? self->queued - flushed : 0;
 }
 
@@ -147,24 +197,54 @@ static int protocol_failed(mt_stream_core *self, const char *message)
     return rc;
 }
 
-static PyObject *cached_method(PyObject **slot, PyObject *protocol, const char *name)
+/* The protocol's method, cached until set_protocol() changes it: a new
+ * reference, since the call may change the protocol and drop the cache. */
+static PyObject *protocol_method(PyObject **slot, PyObject *protocol, const char *name)
 {
     if (*slot == NULL)
         *slot = PyObject_GetAttrString(protocol, name);
-    return *slot;
+    return Py_XNewRef(*slot);
 }
 
+static PyObject *call_method_with(PyObject **slot, PyObject *protocol, const char *name,
+                                  PyObject *arg)
+{
+    PyObject *method = protocol_method(slot, protocol, name);
+    if (method == NULL)
+        return NULL;
+    PyObject *res = PyObject_CallOneArg(method, arg);
+    Py_DECREF(method);
+    return res;
+}
+
+static int deliver_bytes(mt_stream_core *self, const char *data, size_t n)
+{
+    PyObject *bytes = PyBytes_FromStringAndSize(data, (Py_ssize_t)n);
+    if (bytes == NULL)
+        return protocol_failed(self, "Fatal error: out of memory for received data.");
+    PyObject *res = call_method_with(&self->data_received, self->protocol, "data_received",
+                                     bytes);
+    Py_DECREF(bytes);
+    if (res == NULL)
+        return protocol_failed(self, "Fatal error: protocol.data_received() call failed.");
+    Py_DECREF(res);
+    return 0;
+}
+
+/* Fills the protocol's buffers.  When the protocol changes on the way
+ * (set_protocol() in buffer_updated), the rest goes to the new one the
+ * way it reads, as asyncio switches read paths with the protocol. */
 static int deliver_buffered(mt_stream_core *self, const char *data, size_t n)
 {
     static const char get_failed[] = "Fatal error: protocol.get_buffer() call failed.";
-    while (n > 0) {
-        PyObject *get_buffer = cached_method(&self->get_buffer, self->protocol, "get_buffer");
-        PyObject *buf = NULL;
-        if (get_buffer != NULL) {
-            PyObject *hint = PyLong_FromLong(-1);
-            buf = hint ? PyObject_CallOneArg(get_buffer, hint) : NULL;
-            Py_XDECREF(hint);
-        }
+    while (n > 0 && !self->closing) {
+        if (!self->buffered)
+            return self->protocol == Py_None ? 0 : deliver_bytes(self, data, n);
+        PyObject *hint = PyLong_FromLong(-1);
+        PyObject *buf = hint ? call_method_with(&self->get_buffer, self->protocol,
+                                                "get_buffer", hint)
+                             : NULL;
+        Py_XDECREF(hint);
         if (buf == NULL)
             return protocol_failed(self, get_failed);
         Py_buffer view;
@@ -182,53 +262,38 @@ static int deliver_buffered(mt_stream_core *self, const char *data, size_t n)
         PyBuffer_Release(&view);
         data += k;
         n -= k;
-        PyObject *updated =
-            cached_method(&self->buffer_updated, self->protocol, "buffer_updated");
-        PyObject *nbytes = updated ? PyLong_FromSize_t(k) : NULL;
-        PyObject *res = nbytes ? PyObject_CallOneArg(updated, nbytes) : NULL;
+        PyObject *nbytes = PyLong_FromSize_t(k);
+        PyObject *res = nbytes ? call_method_with(&self->buffer_updated, self->protocol,
+                                                  "buffer_updated", nbytes)
+                               : NULL;
         Py_XDECREF(nbytes);
         if (res == NULL)
             return protocol_failed(self, "Fatal error: protocol.buffer_updated() call failed.");
         Py_DECREF(res);
-        if (self->closing)
-            break; /* the protocol closed the transport: the rest is dropped */
     }
     return 0;
 }
 
-static int deliver_data(mt_stream_core *self, mt_done *done)
+static int deliver_data(mt_stream_core *self, mt_msg *msg)
 {
-    int rc = 0;
-    if (!self->buffered) {
-        PyObject *bytes = PyBytes_FromStringAndSize(done->data, (Py_ssize_t)done->len);
-        free_done(self, done);
-        if (bytes == NULL)
-            return protocol_failed(self, "Fatal error: out of memory for received data.");
-        PyObject *cb = cached_method(&self->data_received, self->protocol, "data_received");
-        PyObject *res = cb ? PyObject_CallOneArg(cb, bytes) : NULL;
-        Py_DECREF(bytes);
-        if (res == NULL)
-            return protocol_failed(self, "Fatal error: protocol.data_received() call failed.");
-        Py_DECREF(res);
-        return 0;
-    }
-    rc = deliver_buffered(self, done->data, done->len);
-    free_done(self, done);
+    int rc = self->buffered ? deliver_buffered(self, mt_msg_data(msg), msg->len)
+                            : deliver_bytes(self, mt_msg_data(msg), msg->len);
+    free_msg(self, msg);
     return rc;
 }
 
 /* One read-side completion (data, EOF or a read error), in order. */
-static int deliver_read(mt_stream_core *self, mt_done *done)
+static int deliver_read(mt_stream_core *self, mt_msg *msg)
 {
-    switch (done->kind) {
-    case MT_DONE_DATA:
-        return deliver_data(self, done);
-    case MT_DONE_EOF:
-        free_done(self, done);
+    switch (msg->op) {
+    case MT_FLOW_DATA:
+        return deliver_data(self, msg);
+    case MT_FLOW_EOF:
+        free_msg(self, msg);
         return call_transport(self, "_mt_eof", "()");
     default: {
-        int err = done->err;
-        free_done(self, done);
+        int err = msg->err;
+        free_msg(self, msg);
         return call_transport(self, "_mt_read_error", "(i)", err);
     }
     }
@@ -241,26 +306,21 @@ static bool reading_held(mt_stream_core *self)
 
 /* ---- write-side accounting ----------------------------------------------- */
 
-static void push_own(mt_stream_core *self, mt_done_kind kind)
+static void push_own(mt_stream_core *self, uint8_t op)
 {
-    mt_done *done = mt_done_new(kind, &self->stream->obj, 0);
-    if (done != NULL)
-        mt_sink_push(self->loop->sink, done, done);
+    mt_msg *msg = mt_msg_new(op, &self->flow->rec, 0);
+    if (msg != NULL)
+        mt_sink_push(self->loop->sink, msg, msg);
 }
 
 /* While the protocol is paused, asks the I/O thread for DRAINED once the
  * buffer is down to the low-water mark. */
 static void arm_resume(mt_stream_core *self)
 {
-    mt_stream *s = self->stream;
     uint64_t low = (uint64_t)self->low_water;
     uint64_t mark = self->queued > low ? self->queued - low : 1;
-    atomic_store_explicit(&s->resume_at, mark, memory_order_seq_cst);
-    if (atomic_load_explicit(&s->flushed, memory_order_seq_cst) >= mark) {
-        uint64_t expected = mark;
-        if (atomic_compare_exchange_strong(&s->resume_at, &expected, 0))
-            push_own(self, MT_DONE_DRAINED);
-    }
+    if (mt_flow_arm_resume(self->flow, mark))
+        push_own(self, MT_FLOW_DRAINED);
 }
 
 static int maybe_pause(mt_stream_core *self)
@@ -272,16 +332,15 @@ static int maybe_pause(mt_stream_core *self)
     uint64_t cap = high * MT_WRITE_CAP_FACTOR;
     if (cap < MT_WRITE_CAP_MIN)
         cap = MT_WRITE_CAP_MIN;
-    if (size <= cap) {
-        /* Over the mark, but the kernel may still take it all: pause once
-         * the I/O thread finds the socket full with that much waiting. */
-        atomic_store_explicit(&self->stream->blocked_mark, high + 1, memory_order_release);
+    /* Over the mark, but the kernel may still take it all: pause once the
+     * I/O thread finds the fd full with that much waiting, or now if it
+     * has found it full already. */
+    if (size <= cap && !mt_flow_arm_blocked(self->flow, high + 1))
         return 0;
-    }
     return call_transport(self, "_maybe_pause_protocol", "()");
 }
 
-/* BLOCKED: the socket refused output with more than the mark waiting. */
+/* BLOCKED: the fd refused output with more than the mark waiting. */
 static int on_blocked(mt_stream_core *self)
 {
     if (self->protocol_paused || self->closing ||
@@ -292,52 +351,53 @@ static int on_blocked(mt_stream_core *self)
 
 /* Sends a small write from the loop thread when that saves a wakeup and
  * nothing else waits for the loop: the owning I/O thread sleeps, holds no
- * earlier output of this stream (all of it was sent or dropped, so nothing
- * can be reordered), and the loop has no completion or callback queued.
- * The fd stays open until the loop itself closes or aborts the transport.
- * Returns the bytes sent; the rest (all of it on EAGAIN or an error) goes
- * to the I/O thread, which reports any error the usual way.
+ * earlier output of this flow (all of it was sent or dropped, and no
+ * sendfile is out, so nothing can be reordered), and the loop has no
+ * completion or callback queued.  The fd stays open while this half holds
+ * the flow.  Returns the bytes sent; the rest (all of it on EAGAIN or an
+ * error) goes to the I/O thread, which reports any error the usual way.
  *
  * Measured on the development VM with the load generator against
  * tools/bench_server.py: a 1 KiB ping-pong's p50 drops by about 14% (one
- * of its three context switches per request goes).  Sending directly whenever the I/O thread slept, without the
- * idle-loop condition, cost 35% at 32 busy connections, because the loop
- * thread then did the sends of whole bursts itself. */
+ * of its three context switches per request goes).  Sending directly
+ * whenever the I/O thread slept, without the idle-loop condition, cost
+ * 35% at 32 busy connections, because the loop thread then did the sends
+ * of whole bursts itself. */
 static size_t direct_send(mt_stream_core *self, const char *buf, size_t len)
 {
-    mt_stream *s = self->stream;
-    mt_loop *loop = self->loop;
-    if (len > MT_DIRECT_SEND_MAX || self->closing || self->closed)
+    mt_flow *f = self->flow;
+    if (len > MT_DIRECT_SEND_MAX || self->closing || self->closed || self->sendfile_running ||
+        !f->fd_ops->loop_may_write)
         return 0;
-    if (mt_ready_queue_len(&loop->ready) != 0 || !mt_mpsc_queue_is_empty(&loop->sink->queue))
+    if (!mt_loop_idle(self->loop))
         return 0;
-    if (atomic_load_explicit(&s->flushed, memory_order_acquire) != self->queued)
+    if (atomic_load_explicit(&f->flushed, memory_order_acquire) != self->queued)
         return 0;
-    if (!mt_io_thread_sleeping(s->obj.io) || mt_io_thread_stopped(s->obj.io))
+    if (!mt_io_thread_sleeping(f->rec.io) || mt_io_thread_stopped(f->rec.io))
         return 0;
-    ssize_t n = send(s->fd, buf, len, MSG_NOSIGNAL | MSG_DONTWAIT);
+    struct iovec iov = {.iov_base = (void *)buf, .iov_len = len};
+    ssize_t n = f->fd_ops->writev(f, &iov, 1);
     if (n > 0)
         return (size_t)n;
-    if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR &&
-        errno != ENOTSOCK) {
+    if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
         /* A hard error: write() fails now, as asyncio's does.  The error
          * may be the socket's pending one (a reset), which this send()
          * consumed: left to the I/O thread, a later read would see a clean
          * EOF instead. */
         int none = 0;
-        atomic_compare_exchange_strong(&s->write_err, &none, errno);
+        atomic_compare_exchange_strong(&f->write_err, &none, errno);
     }
     return 0;
 }
 
-/* The stream saw a hard send error (here or on its I/O thread): the write
+/* The flow saw a hard write error (here or on its I/O thread): the write
  * is dropped and the transport fails with that error, once, as asyncio's
  * write() fails when send() does.  Without this, a writer that never
  * yields would write into a dead connection forever, the I/O thread
  * dropping each write as it came. */
 static bool write_broken(mt_stream_core *self, PyObject **res)
 {
-    int err = atomic_load_explicit(&self->stream->write_err, memory_order_acquire);
+    int err = atomic_load_explicit(&self->flow->write_err, memory_order_acquire);
     if (err == 0)
         return false;
     *res = call_transport(self, "_mt_write_error", "(i)", err) < 0 ? NULL : Py_NewRef(Py_None);
@@ -356,15 +416,20 @@ static PyObject *queue_output(mt_stream_core *self, const void *buf, size_t len)
         return res;
     buf = (const char *)buf + sent;
     len -= sent;
-    mt_cmd *cmd = mt_cmd_new(MT_CMD_STREAM_WRITE, &self->stream->obj, len);
-    if (cmd == NULL)
+    mt_msg *msg = mt_msg_new(MT_FLOW_WRITE, &self->flow->rec, len);
+    if (msg == NULL)
         return PyErr_NoMemory();
-    memcpy(cmd->data, buf, len);
+    memcpy(mt_msg_data(msg), buf, len);
     self->queued += len;
-    mt_loop_post(self->stream->obj.io, cmd);
+    /* The marks are set before the bytes go: the I/O thread may find the
+     * fd full with them at once. */
+    int rc = 0;
     if (self->protocol_paused)
         arm_resume(self); /* the buffer grew: the mark moves with it */
-    else if (maybe_pause(self) < 0)
+    else
+        rc = maybe_pause(self);
+    post(self, msg);
+    if (rc < 0)
         return NULL;
     Py_RETURN_NONE;
 }
@@ -387,6 +452,8 @@ static PyObject *lost_write(mt_stream_core *self)
 
 static int check_writable(mt_stream_core *self, const char *what)
 {
+    if (check_fork(self) < 0)
+        return -1;
     if (self->eof) {
         PyErr_Format(PyExc_RuntimeError, "Cannot call %s() after write_eof()", what);
         return -1;
@@ -400,6 +467,15 @@ static int check_writable(mt_stream_core *self, const char *what)
 
 /* ---- methods ----------------------------------------------------------------- */
 
+static PyObject *write_view(mt_stream_core *self, const void *buf, size_t len)
+{
+    if (len == 0)
+        Py_RETURN_NONE;
+    if (self->conn_lost || self->flow == NULL)
+        return lost_write(self);
+    return queue_output(self, buf, len);
+}
+
 static PyObject *core_write(mt_stream_core *self, PyObject *data)
 {
     if (!PyBytes_Check(data) && !PyByteArray_Check(data) && !PyMemoryView_Check(data)) {
@@ -409,24 +485,12 @@ static PyObject *core_write(mt_stream_core *self, PyObject *data)
     }
     if (check_writable(self, "write") < 0)
         return NULL;
-    if (PyBytes_Check(data)) {
-        Py_ssize_t n = PyBytes_GET_SIZE(data);
-        if (n == 0)
-            Py_RETURN_NONE;
-        if (self->conn_lost)
-            return lost_write(self);
-        return queue_output(self, PyBytes_AS_STRING(data), (size_t)n);
-    }
+    if (PyBytes_Check(data))
+        return write_view(self, PyBytes_AS_STRING(data), (size_t)PyBytes_GET_SIZE(data));
     Py_buffer view;
     if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0)
         return NULL;
-    PyObject *res;
-    if (view.len == 0)
-        res = Py_NewRef(Py_None);
-    else if (self->conn_lost)
-        res = lost_write(self);
-    else
-        res = queue_output(self, view.buf, (size_t)view.len);
+    PyObject *res = write_view(self, view.buf, (size_t)view.len);
     PyBuffer_Release(&view);
     return res;
 }
@@ -447,24 +511,38 @@ static PyObject *core_writelines(mt_stream_core *self, PyObject *seq)
     return res;
 }
 
+static void set_want_read(mt_stream_core *self, bool on)
+{
+    if (self->flow == NULL)
+        return;
+    atomic_store_explicit(&self->flow->want_read, on, memory_order_relaxed);
+    signal_flow(self, MT_FLOW_READING);
+}
+
 static PyObject *core_start_reading(mt_stream_core *self, PyObject *Py_UNUSED(a))
 {
+    if (check_fork(self) < 0)
+        return NULL;
     if (!self->reading_started) {
         self->reading_started = true;
         if (!self->reading_paused && !self->closing)
-            post(self, MT_CMD_STREAM_READ_ON);
+            set_want_read(self, true);
     }
     Py_RETURN_NONE;
 }
 
+/* pause_reading() and resume_reading() return whether they changed
+ * anything, for the debug log. */
 static PyObject *core_pause_reading(mt_stream_core *self, PyObject *Py_UNUSED(a))
 {
-    if (!self->reading_paused) {
-        self->reading_paused = true;
-        if (self->reading_started)
-            post(self, MT_CMD_STREAM_READ_OFF);
-    }
-    Py_RETURN_NONE;
+    if (check_fork(self) < 0)
+        return NULL;
+    if (self->closing || self->reading_paused)
+        Py_RETURN_FALSE;
+    self->reading_paused = true;
+    if (self->reading_started)
+        set_want_read(self, false);
+    Py_RETURN_TRUE;
 }
 
 static PyObject *core_redeliver(mt_stream_core *self, PyObject *Py_UNUSED(a))
@@ -472,10 +550,9 @@ static PyObject *core_redeliver(mt_stream_core *self, PyObject *Py_UNUSED(a))
     self->redelivery_scheduled = false;
     Py_INCREF(self);
     int rc = 0;
-    mt_done *d;
-    while (rc == 0 && !self->reading_paused && !self->closing &&
-           (d = undefer(self)) != NULL)
-        rc = deliver_read(self, d);
+    mt_msg *m;
+    while (rc == 0 && !self->reading_paused && !self->closing && (m = undefer(self)) != NULL)
+        rc = deliver_read(self, m);
     Py_DECREF(self);
     if (rc < 0)
         return NULL;
@@ -484,11 +561,13 @@ static PyObject *core_redeliver(mt_stream_core *self, PyObject *Py_UNUSED(a))
 
 static PyObject *core_resume_reading(mt_stream_core *self, PyObject *Py_UNUSED(a))
 {
-    if (!self->reading_paused)
-        Py_RETURN_NONE;
+    if (check_fork(self) < 0)
+        return NULL;
+    if (self->closing || !self->reading_paused)
+        Py_RETURN_FALSE;
     self->reading_paused = false;
     if (self->reading_started)
-        post(self, MT_CMD_STREAM_READ_ON);
+        set_want_read(self, true);
     if (self->deferred_head != NULL && !self->redelivery_scheduled) {
         /* Held data goes out on the next iteration, as it would once a
          * resumed reader is polled again. */
@@ -501,45 +580,52 @@ static PyObject *core_resume_reading(mt_stream_core *self, PyObject *Py_UNUSED(a
         Py_DECREF(res);
         self->redelivery_scheduled = true;
     }
-    Py_RETURN_NONE;
+    Py_RETURN_TRUE;
 }
 
 static PyObject *core_shutdown_write(mt_stream_core *self, PyObject *Py_UNUSED(a))
 {
+    if (check_fork(self) < 0)
+        return NULL;
     self->eof = true;
-    post(self, MT_CMD_STREAM_SHUT_WR);
+    signal_flow(self, MT_FLOW_SHUT_WR);
     Py_RETURN_NONE;
 }
 
 static PyObject *core_close(mt_stream_core *self, PyObject *Py_UNUSED(a))
 {
+    if (check_fork(self) < 0)
+        return NULL;
     self->closing = true;
     drop_deferred(self);
     if (!self->closed)
-        post(self, MT_CMD_STREAM_CLOSE);
+        signal_flow(self, MT_FLOW_CLOSE);
     Py_RETURN_NONE;
 }
 
 static PyObject *core_abort(mt_stream_core *self, PyObject *Py_UNUSED(a))
 {
+    if (check_fork(self) < 0)
+        return NULL;
     self->closing = true;
     drop_deferred(self);
-    if (!self->closed) {
+    if (!self->closed && self->flow != NULL) {
         /* The output is gone from this side's point of view at once. */
-        if (self->stream != NULL)
-            self->queued = self->flushed_seen = atomic_load(&self->stream->flushed);
-        post(self, MT_CMD_STREAM_ABORT);
+        self->queued = self->flushed_seen = atomic_load(&self->flow->flushed);
+        signal_flow(self, MT_FLOW_ABORT);
     }
     Py_RETURN_NONE;
 }
 
-static PyObject *core_give_fd(mt_stream_core *self, PyObject *Py_UNUSED(a))
+static PyObject *core_release(mt_stream_core *self, PyObject *Py_UNUSED(a))
 {
-    if (self->closed) {
-        PyErr_SetString(PyExc_RuntimeError, "the I/O thread has already released the fd");
+    if (check_fork(self) < 0)
         return NULL;
-    }
-    post(self, MT_CMD_STREAM_OWN_FD);
+    if (self->flow != NULL && !self->closed && !self->closing)
+        signal_flow(self, MT_FLOW_ABORT); /* never released without a word */
+    self->closing = true;
+    Py_CLEAR(self->transport);
+    release_flow(self);
     Py_RETURN_NONE;
 }
 
@@ -551,23 +637,56 @@ static PyObject *core_sendfile(mt_stream_core *self, PyObject *args)
     PyObject *waiter;
     if (!PyArg_ParseTuple(args, "iLnO:sendfile", &fd, &offset, &count, &waiter))
         return NULL;
-    if (self->sendfile_waiter != NULL) {
+    if (check_fork(self) < 0)
+        return NULL;
+    if (self->sendfile_waiter != NULL || self->sendfile_running) {
         PyErr_SetString(PyExc_RuntimeError, "a sendfile is already in progress");
         return NULL;
     }
-    mt_cmd *cmd = mt_cmd_new(MT_CMD_STREAM_SENDFILE, &self->stream->obj, 0);
-    if (cmd == NULL)
+    if (self->flow == NULL || self->closed) {
+        PyErr_SetString(PyExc_ConnectionError, "the transport is closed");
+        return NULL;
+    }
+    /* The flow sends from its own descriptor: the caller's may be closed,
+     * and its number reused, as soon as the await is abandoned. */
+    int own = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    if (own < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    mt_msg *msg = mt_msg_new(MT_FLOW_SENDFILE, &self->flow->rec, sizeof(mt_flow_sendfile));
+    if (msg == NULL) {
+        close(own);
         return PyErr_NoMemory();
-    cmd->file_fd = fd;
-    cmd->offset = offset;
-    cmd->len = (size_t)count;
+    }
+    mt_flow_sendfile *sf = mt_msg_data(msg);
+    sf->fd = own;
+    sf->offset = offset;
+    sf->count = (size_t)count;
+    if (!mt_io_thread_post(self->flow->rec.io, msg, msg)) {
+        close(own);
+        mt_msg_free(msg);
+        PyErr_SetString(PyExc_ConnectionAbortedError, "mtloop's I/O threads have stopped");
+        return NULL;
+    }
     self->sendfile_waiter = Py_NewRef(waiter);
-    mt_loop_post(self->stream->obj.io, cmd);
+    self->sendfile_running = true;
+    Py_RETURN_NONE;
+}
+
+static PyObject *core_sendfile_cancel(mt_stream_core *self, PyObject *Py_UNUSED(a))
+{
+    if (check_fork(self) < 0)
+        return NULL;
+    if (self->sendfile_waiter != NULL) {
+        Py_CLEAR(self->sendfile_waiter);
+        signal_flow(self, MT_FLOW_SF_CANCEL);
+    }
     Py_RETURN_NONE;
 }
 
 static PyObject *core_get_write_buffer_size(mt_stream_core *self, PyObject *Py_UNUSED(a))
 {
+    if (check_fork(self) < 0)
+        return NULL;
     return PyLong_FromUnsignedLongLong(write_buffer_size(self));
 }
 
@@ -594,28 +713,13 @@ static PyObject *core_set_protocol(mt_stream_core *self, PyObject *protocol)
     Py_RETURN_NONE;
 }
 
-/* ---- completion dispatch ---------------------------------------------------- */
-
-static void unlink_live(mt_stream_core *self)
-{
-    mt_loop *loop = self->loop;
-    if (self->live_prev)
-        self->live_prev->live_next = self->live_next;
-    else if (loop->live == self)
-        loop->live = self->live_next;
-    else
-        return; /* not linked */
-    if (self->live_next)
-        self->live_next->live_prev = self->live_prev;
-    self->live_prev = self->live_next = NULL;
-    Py_DECREF(self); /* the list's reference */
-}
+/* ---- completion dispatch (the loop's ops) ------------------------------------ */
 
 static int on_drained(mt_stream_core *self)
 {
     if (!self->protocol_paused || self->conn_lost)
         return 0;
-    self->flushed_seen = atomic_load_explicit(&self->stream->flushed, memory_order_acquire);
+    self->flushed_seen = atomic_load_explicit(&self->flow->flushed, memory_order_acquire);
     if (write_buffer_size(self) > (uint64_t)self->low_water) {
         arm_resume(self);
         return 0;
@@ -623,114 +727,133 @@ static int on_drained(mt_stream_core *self)
     return call_transport(self, "_maybe_resume_protocol", "()");
 }
 
-static int on_sendfile(mt_stream_core *self, int err, size_t sent)
+static int on_sendfile_done(mt_stream_core *self, int err, size_t sent)
 {
+    self->sendfile_running = false;
     PyObject *waiter = self->sendfile_waiter;
     if (waiter == NULL)
-        return 0;
+        return 0; /* cancelled */
     self->sendfile_waiter = NULL;
     int rc = call_transport(self, "_mt_sendfile_done", "(Oin)", waiter, err, (Py_ssize_t)sent);
     Py_DECREF(waiter);
     return rc;
 }
 
-static int on_closed(mt_stream_core *self, int err)
+static int on_released(mt_stream_core *self, int err)
 {
     self->closed = true;
     self->closing = true;
     drop_deferred(self);
     int rc = 0;
-    if (self->sendfile_waiter != NULL)
-        rc = on_sendfile(self, ECONNABORTED, 0);
+    if (self->sendfile_running)
+        rc = on_sendfile_done(self, ECONNABORTED, 0);
     if (rc == 0)
         rc = call_transport(self, "_mt_closed", "(i)", err);
     Py_CLEAR(self->transport);
-    unlink_live(self);
+    /* The flow stays with this half until connection_lost() lets go of it
+     * (release()): until then the socket's extra info may still read it. */
+    mt_loop_unlink(self->loop, &self->flow->rec);
     return rc;
 }
 
-int mt_stream_core_dispatch(mt_loop *loop, mt_done *done)
+static int stream_dispatch(mt_loop *loop, mt_msg *msg)
 {
     (void)loop;
-    mt_stream *s = (mt_stream *)done->source;
-    mt_stream_core *self = s->core;
+    mt_flow *f = (mt_flow *)msg->rec;
+    mt_stream_core *self = f->rec.owner;
     if (self == NULL || self->transport == NULL) {
-        if (done->kind == MT_DONE_DATA)
-            unconsumed_sub(s, done->len);
-        mt_done_free(done);
+        if (msg->op == MT_FLOW_DATA)
+            (void)mt_flow_consumed(f, msg->len); /* nobody will read on */
+        mt_msg_free(msg);
         return 0;
     }
     Py_INCREF(self);
     int rc = 0;
-    switch (done->kind) {
-    case MT_DONE_DATA:
-    case MT_DONE_EOF:
-    case MT_DONE_READ_ERROR:
+    int err = msg->err;
+    switch (msg->op) {
+    case MT_FLOW_DATA:
+    case MT_FLOW_EOF:
+    case MT_FLOW_READ_ERROR:
         if (self->closing)
-            free_done(self, done);
+            free_msg(self, msg);
         else if (reading_held(self))
-            defer(self, done);
+            defer(self, msg);
         else
-            rc = deliver_read(self, done);
+            rc = deliver_read(self, msg);
         break;
-    case MT_DONE_WRITE_ERROR: {
-        int err = done->err;
-        mt_done_free(done);
+    case MT_FLOW_WRITE_ERROR:
+        mt_msg_free(msg);
         rc = call_transport(self, "_mt_write_error", "(i)", err);
         break;
-    }
-    case MT_DONE_DRAINED:
-        mt_done_free(done);
+    case MT_FLOW_DRAINED:
+        mt_msg_free(msg);
         rc = on_drained(self);
         break;
-    case MT_DONE_BLOCKED:
-        mt_done_free(done);
+    case MT_FLOW_BLOCKED:
+        mt_msg_free(msg);
         rc = on_blocked(self);
         break;
-    case MT_DONE_SENDFILE: {
-        int err = done->err;
-        size_t sent = done->len;
-        mt_done_free(done);
-        rc = on_sendfile(self, err, sent);
+    case MT_FLOW_SENDFILE_DONE: {
+        size_t sent = ((mt_flow_sendfile_done *)mt_msg_data(msg))->sent;
+        mt_msg_free(msg);
+        rc = on_sendfile_done(self, err, sent);
         break;
     }
-    case MT_DONE_CLOSED: {
-        int err = done->err;
-        mt_done_free(done);
-        rc = on_closed(self, err);
+    case MT_OP_RELEASED:
+        mt_msg_free(msg);
+        rc = on_released(self, err);
         break;
-    }
     default:
-        mt_done_free(done);
+        mt_msg_free(msg);
     }
     Py_DECREF(self);
     return rc;
 }
 
-void mt_stream_core_detach_all(mt_loop *loop)
+static void stream_discard(mt_msg *msg)
 {
-    mt_stream_core *self;
-    while ((self = loop->live) != NULL) {
-        Py_INCREF(self);
-        unlink_live(self);
-        self->closed = true;
-        self->closing = true;
-        drop_deferred(self);
-        Py_CLEAR(self->sendfile_waiter);
-        Py_CLEAR(self->transport);
-        Py_DECREF(self);
-    }
+    mt_msg_free(msg); /* no payload of a flow's completion owns anything */
 }
+
+/* The loop is closing with the transport open: its descriptor closes here,
+ * and the socket object it was made from (if any) with it, so the peer
+ * sees the connection end now, as uvloop's does, rather than when the
+ * transport is collected. */
+static void stream_detach(mt_loop *loop, mt_record *rec)
+{
+    mt_stream_core *self = rec->owner;
+    Py_INCREF(self);
+    self->closed = true;
+    self->closing = true;
+    self->sendfile_running = false;
+    Py_CLEAR(self->sendfile_waiter);
+    if (self->transport != NULL && loop->fork_generation == mt_fork_generation()) {
+        PyObject *res = PyObject_CallMethod(self->transport, "_mt_loop_closed", NULL);
+        if (res == NULL)
+            PyErr_WriteUnraisable(self->transport);
+        Py_XDECREF(res);
+    }
+    Py_CLEAR(self->transport);
+    release_flow(self);
+    Py_DECREF(self);
+}
+
+static const mt_loop_ops stream_loop_ops = {
+    .dispatch = stream_dispatch,
+    .discard = stream_discard,
+    .detach = stream_detach,
+};
 
 /* ---- lifetime ------------------------------------------------------------------ */
 
 static PyObject *core_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"loop", "fd", "transport", "protocol", NULL};
+    static char *kwlist[] = {"loop", "fd", "transport", "protocol", "dup", NULL};
     PyObject *loop_obj, *transport, *protocol;
-    int fd;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!iOO:StreamCore", kwlist, &mt_LoopCoreType,
-                                     &loop_obj, &fd, &transport, &protocol))
+    int fd, dup = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!iOO|p:StreamCore", kwlist,
+                                     &mt_LoopCoreType, &loop_obj, &fd, &transport, &protocol,
+                                     &dup))
         return NULL;
     if (fd < 0) {
         PyErr_SetString(PyExc_ValueError, "invalid file descriptor");
@@ -750,20 +873,24 @@ static PyObject *core_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         Py_DECREF(self);
         return NULL;
     }
-    self->stream = mt_stream_new(loop->sink, io, fd);
-    if (self->stream == NULL) {
+    /* A socket object's descriptor is copied: the flow owns its own, so no
+     * Python object can close it under the I/O thread. */
+    int own = dup ? fcntl(fd, F_DUPFD_CLOEXEC, 0) : fd;
+    if (own < 0) {
+        Py_DECREF(self);
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    self->flow = mt_flow_new(&mt_socket_fd_ops, &stream_loop_ops, loop->sink, io, own);
+    if (self->flow == NULL) {
+        if (dup)
+            close(own);
         Py_DECREF(self);
         return PyErr_NoMemory();
     }
-    self->stream->core = self;
+    self->flow->rec.owner = self;
     self->transport = Py_NewRef(transport);
-    post(self, MT_CMD_STREAM_ATTACH);
-    /* The loop's list keeps an open transport alive, as a selector's
-     * registration does for the stock loop's. */
-    self->live_next = loop->live;
-    if (loop->live)
-        loop->live->live_prev = self;
-    loop->live = (mt_stream_core *)Py_NewRef(self);
+    mt_loop_link(loop, &self->flow->rec);
+    signal_flow(self, MT_FLOW_ATTACH);
     return (PyObject *)self;
 }
 
@@ -793,18 +920,27 @@ static int core_clear(mt_stream_core *self)
 static void core_dealloc(mt_stream_core *self)
 {
     PyObject_GC_UnTrack(self);
-    if (self->stream != NULL) {
+    /* A transport may die while an exception unwinds the frame that held
+     * it: nothing here may disturb that exception. */
+    PyObject *exc = PyErr_Occurred() ? mt_fetch_exception() : NULL;
+    if (self->flow != NULL) {
+        if (!self->closed && self->loop->fork_generation == mt_fork_generation())
+            signal_flow(self, MT_FLOW_ABORT);
         drop_deferred(self);
-        self->stream->core = NULL;
-        if (!self->closed && self->loop != NULL && mt_loop_check_usable(self->loop) == 0)
-            post(self, MT_CMD_STREAM_ABORT);
-        PyErr_Clear();
-        mt_io_obj_decref(&self->stream->obj);
-        self->stream = NULL;
+        /* Not linked: the loop's list would have kept this object.  In a
+         * child of fork() the fd is the parent's connection too: closing
+         * this copy of it does not touch the parent's. */
+        mt_flow *f = self->flow;
+        f->rec.owner = NULL;
+        self->flow = NULL;
+        mt_flow_drop_fd(f);
+        mt_record_decref(&f->rec);
     }
     core_clear(self);
     Py_CLEAR(self->loop);
     Py_TYPE(self)->tp_free((PyObject *)self);
+    if (exc != NULL)
+        mt_restore_exception(exc);
 }
 
 /* ---- attributes -------------------------------------------------------------- */
@@ -824,35 +960,38 @@ static int set_paused_flag(mt_stream_core *self, PyObject *v, void *Py_UNUSED(c)
     int b = v ? PyObject_IsTrue(v) : 0;
     if (b < 0)
         return -1;
-    if (self->stream == NULL) {
+    if (self->flow == NULL || self->closed) {
         self->protocol_paused = b;
         return 0;
     }
     if (b && !self->protocol_paused)
-        self->flushed_seen = atomic_load_explicit(&self->stream->flushed, memory_order_acquire);
+        self->flushed_seen = atomic_load_explicit(&self->flow->flushed, memory_order_acquire);
     self->protocol_paused = b;
     if (b)
         arm_resume(self); /* DRAINED tells when to look at the buffer again */
     else
-        atomic_store(&self->stream->resume_at, 0);
+        atomic_store(&self->flow->resume_at, 0);
     return 0;
 }
 
 static PyObject *get_fd(mt_stream_core *self, void *Py_UNUSED(c))
 {
-    return PyLong_FromLong(self->stream ? self->stream->fd : -1);
+    return PyLong_FromLong(self->flow ? self->flow->fd : -1);
 }
 
 static PyObject *get_io_thread(mt_stream_core *self, void *Py_UNUSED(c))
 {
-    return PyLong_FromLong(mt_io_thread_index(self->stream->obj.io));
+    if (self->flow == NULL)
+        Py_RETURN_NONE;
+    return PyLong_FromLong(mt_io_thread_index(self->flow->rec.io));
 }
 
 static PyGetSetDef core_getset[] = {
     {"protocol", (getter)get_protocol, NULL, "The protocol data is delivered to.", NULL},
     {"protocol_paused", (getter)get_paused_flag, (setter)set_paused_flag,
      "Whether pause_writing() was called and resume_writing() not yet.", NULL},
-    {"fd", (getter)get_fd, NULL, "The socket's file descriptor.", NULL},
+    {"fd", (getter)get_fd, NULL,
+     "The flow's own file descriptor, or -1 once released.", NULL},
     {"io_thread", (getter)get_io_thread, NULL, "Index of the owning I/O thread.", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
@@ -876,12 +1015,15 @@ static PyMethodDef core_methods[] = {
     {"resume_reading", (PyCFunction)core_resume_reading, METH_NOARGS, NULL},
     {"_redeliver", (PyCFunction)core_redeliver, METH_NOARGS, NULL},
     {"shutdown_write", (PyCFunction)core_shutdown_write, METH_NOARGS, NULL},
-    {"close", (PyCFunction)core_close, METH_NOARGS, "Flush, then release the socket."},
-    {"abort", (PyCFunction)core_abort, METH_NOARGS, "Drop the output, release the socket."},
-    {"give_fd", (PyCFunction)core_give_fd, METH_NOARGS,
-     "The socket object was detached: the I/O thread closes the fd once released."},
+    {"close", (PyCFunction)core_close, METH_NOARGS, "Flush, then release the flow."},
+    {"abort", (PyCFunction)core_abort, METH_NOARGS, "Drop the output, release the flow."},
+    {"release", (PyCFunction)core_release, METH_NOARGS,
+     "Let go of the flow (connection_lost): its fd closes once the I/O thread is done."},
     {"sendfile", (PyCFunction)core_sendfile, METH_VARARGS,
-     "sendfile(fd, offset, count, waiter): sendfile() on the I/O thread after the output."},
+     "sendfile(fd, offset, count, waiter): sendfile() on the I/O thread after the output, "
+     "from a copy of fd."},
+    {"sendfile_cancel", (PyCFunction)core_sendfile_cancel, METH_NOARGS,
+     "The await was abandoned: stop the sendfile, forget its waiter."},
     {"get_write_buffer_size", (PyCFunction)core_get_write_buffer_size, METH_NOARGS, NULL},
     {"set_protocol", (PyCFunction)core_set_protocol, METH_O, NULL},
     {NULL, NULL, 0, NULL},
@@ -890,7 +1032,7 @@ static PyMethodDef core_methods[] = {
 PyTypeObject mt_StreamCoreType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "mtloop._mtloop.StreamCore",
-    .tp_doc = "The loop-thread half of a stream transport.",
+    .tp_doc = "The loop-thread half of a byte-stream transport.",
     .tp_basicsize = sizeof(mt_stream_core),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_new = core_new,

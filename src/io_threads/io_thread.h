@@ -1,0 +1,56 @@
+/* An I/O thread's own state: shared by the files of src/io_threads/ only
+ * (runtime.c runs the thread, record.c serves its records). */
+#ifndef MT_IO_THREAD_H
+#define MT_IO_THREAD_H
+
+#include "io_threads/runtime.h"
+
+#define MT_BATCH_SINKS 8
+
+struct mt_io_thread {
+    int index;                 /* immutable */
+    pthread_t thread;          /* immutable once started */
+    _Atomic int refs;          /* the registry's, each record's, each loop's */
+    mt_mpsc_queue commands;    /* any thread pushes; this thread pops */
+    mt_waker waker;            /* shared (atomics) */
+    _Atomic bool stopped;      /* set by the stopper before STOP is posted */
+    _Atomic long native_id;    /* the thread's kernel id, set when it starts */
+    mt_io_stats stats;         /* written by this thread, read by anyone */
+    mt_msg stop_msg;           /* posted once by mt_runtime_stop() */
+    mt_io_thread *stopping_next; /* the registry's list, under its mutex */
+
+    /* This thread only. */
+    struct event_base *base;
+    struct event *waker_event;
+    mt_record *owned;          /* attached records */
+    mt_record *dirty_head, *dirty_tail;
+    bool exiting;
+    struct {
+        mt_sink *sink;
+        mt_msg *first, *last;
+    } batch[MT_BATCH_SINKS];
+    int nbatch;
+};
+
+/* This thread: back to RUNNING as soon as the wait returned, so that
+ * producers skip the eventfd write and the loop's direct send sees a busy
+ * thread while events are dispatched. */
+static inline void mt_io_thread_running(mt_io_thread *io)
+{
+    if (atomic_load_explicit(&io->waker.state, memory_order_relaxed) != MT_WAKER_RUNNING)
+        mt_waker_awake(&io->waker);
+}
+
+/* record.c, for the thread body. */
+void mt_io_thread_flush_batches(mt_io_thread *io);
+void mt_io_thread_service_dirty(mt_io_thread *io);
+/* A control link was popped: take the record's bits and queue it dirty. */
+void mt_io_thread_take_control(mt_io_thread *io, mt_record *rec);
+/* sink.c: SINK_CLOSE's sink, and its acknowledgement (after which the
+ * message is gone). */
+mt_sink *mt_sink_close_target(mt_msg *msg);
+void mt_sink_close_done(mt_msg *msg);
+/* Drops the attached records of `sink` (all of them when NULL). */
+void mt_io_thread_drop_sink(mt_io_thread *io, mt_sink *sink);
+
+#endif

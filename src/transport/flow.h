@@ -1,0 +1,197 @@
+/* A flow: the C record of every byte-stream transport (TCP and Unix
+ * sockets now; pipes and the plaintext side of TLS later), and the pump
+ * that drives it on its I/O thread.
+ *
+ * The pump is the byte-stream machinery, the same for every kind: the
+ * output queue and its batched writes, the `flushed` and `unconsumed`
+ * counters, the marks for DRAINED and BLOCKED, read credit, shutdown and
+ * close ordering, and RELEASED strictly last.  What differs by kind is a
+ * small table of fd operations (mt_fd_ops): a socket sends with sendmsg()
+ * and has sendfile(); a pipe would use writev(); TLS would be a filter
+ * between the pump and its socket.  The counters count the bytes the pump
+ * hands to and takes from those operations: plaintext, for TLS.
+ *
+ * Lifetime and the fd: the record is reference-counted (mt_record).  The
+ * loop half holds one reference until it lets go of the transport
+ * (connection_lost, or the loop closing), the owning I/O thread one while
+ * attached, every queued message one.  The record owns its fd from
+ * creation; the fd has two holds, the I/O thread's (until it released the
+ * flow) and the loop half's (until it lets go), and closes when the second
+ * goes, so the number can never be reused under either of them, and a
+ * peer sees the close as soon as asyncio would close the socket (messages
+ * still queued do not keep it open).  The loop thread may write to an idle
+ * flow (the direct send in stream_core.c) but never closes or re-registers
+ * the fd; Python holds no owning object for it.
+ *
+ * The loop drives a flow through messages (WRITE, SENDFILE) and control
+ * bits (mt_record_signal), which never allocate. */
+#ifndef MT_FLOW_H
+#define MT_FLOW_H
+
+#include <sys/uio.h>
+
+#include "io_threads/credit.h"
+#include "io_threads/runtime.h"
+
+/* An I/O thread stops reading a flow once this much is delivered to the
+ * loop but not yet consumed by the protocol.  Each read is charged at
+ * least MT_READ_CHARGE_MIN, so at most 8 reads are ahead of the protocol
+ * however small they are: a protocol that closes after its first bytes
+ * leaves the rest in the kernel, as with the stock loop, whose close then
+ * resets the peer (with byte credit alone, a peer sending into a small
+ * receive buffer had 256 KiB taken from it in 2 KiB reads before the
+ * close reached the I/O thread, and saw its sends succeed). */
+#define MT_READ_CREDIT (256 * 1024)
+#define MT_READ_CHARGE_MIN (32 * 1024)
+
+static inline int64_t mt_read_charge(size_t n)
+{
+    return n < MT_READ_CHARGE_MIN ? MT_READ_CHARGE_MIN : (int64_t)n;
+}
+
+/* One read takes at most this much, into a completion record that fills
+ * one 128 KiB block of the buffer pool.  A read size under 64 KiB stalled
+ * 64 KiB echoes for ~40 ms a request on loopback (each read left a
+ * segment's tail behind).  Reads of at most MT_READ_COPY_MAX bytes move to
+ * a record of their own size, so the big block goes straight back to the
+ * thread's cache: with 1,000 connections of 10 KiB messages, keeping them
+ * in 128 KiB blocks took the server's peak RSS to 52 MB (uvloop: 25) and
+ * gave 49-58k requests/s against 56-59k. */
+#define MT_READ_MAX ((size_t)(128 * 1024) - sizeof(mt_msg))
+#define MT_READ_COPY_MAX (32 * 1024)
+
+/* Write flow control follows asyncio: the protocol is paused when output
+ * the kernel refused exceeds the high-water mark.  Only the I/O thread
+ * sees the kernel refuse, so the loop asks it (mt_flow_arm_blocked) and
+ * pauses on its BLOCKED completion; it pauses by itself only past this
+ * many times the high-water mark, so a writer that never yields stays
+ * bounded. */
+#define MT_WRITE_CAP_FACTOR 16
+#define MT_WRITE_CAP_MIN (4 * 1024 * 1024)
+
+/* The largest write the loop thread sends itself when the I/O thread
+ * sleeps (stream_core.c); bigger ones are worth a wakeup. */
+#define MT_DIRECT_SEND_MAX (16 * 1024)
+
+typedef struct mt_flow mt_flow;
+
+/* The fd operations of a flow kind.  Each returns what the system call
+ * would (-1 with errno; EAGAIN when the fd is not ready). */
+typedef struct mt_fd_ops {
+    ssize_t (*read)(mt_flow *f, void *buf, size_t len);
+    ssize_t (*writev)(mt_flow *f, const struct iovec *iov, int cnt);
+    int (*shutdown_wr)(mt_flow *f);
+    /* NULL when the kind has none (the loop falls back to writes). */
+    ssize_t (*sendfile)(mt_flow *f, int in_fd, int64_t *offset, size_t count);
+    /* The loop thread may call writev on an idle flow: the operation keeps
+     * no state of its own (false for a filter such as TLS). */
+    bool loop_may_write;
+} mt_fd_ops;
+
+extern const mt_fd_ops mt_socket_fd_ops;
+
+/* Opcodes.  Commands: */
+enum {
+    MT_FLOW_WRITE = MT_OP_KIND, /* payload: the bytes */
+    MT_FLOW_SENDFILE,           /* payload: mt_flow_sendfile */
+    /* Completions (RELEASED, the runtime's, comes last): */
+    MT_FLOW_DATA,               /* payload: the bytes read */
+    MT_FLOW_EOF,
+    MT_FLOW_READ_ERROR,         /* err */
+    MT_FLOW_WRITE_ERROR,        /* err */
+    MT_FLOW_DRAINED,            /* flushed reached the loop's resume mark */
+    MT_FLOW_BLOCKED,            /* the fd refused output past the loop's mark */
+    MT_FLOW_SENDFILE_DONE,      /* payload: mt_flow_sendfile_done; err */
+};
+
+/* Control bits (mt_record_signal). */
+enum {
+    MT_FLOW_ATTACH = 1u << 0,    /* start serving the record */
+    MT_FLOW_READING = 1u << 1,   /* want_read changed */
+    MT_FLOW_CREDIT = 1u << 2,    /* read credit came back */
+    MT_FLOW_SHUT_WR = 1u << 3,   /* shutdown(SHUT_WR) once the output is out */
+    MT_FLOW_CLOSE = 1u << 4,     /* release once the output is out */
+    MT_FLOW_ABORT = 1u << 5,     /* drop the output, release now */
+    MT_FLOW_SF_CANCEL = 1u << 6, /* stop the sendfile in progress */
+};
+
+typedef struct mt_flow_sendfile {
+    int fd;          /* owned by the message, then by the flow */
+    int64_t offset;
+    size_t count;
+} mt_flow_sendfile;
+
+typedef struct mt_flow_sendfile_done {
+    size_t sent;
+} mt_flow_sendfile_done;
+
+struct mt_flow {
+    mt_record rec;
+    const mt_fd_ops *fd_ops;        /* immutable */
+    int fd;                         /* immutable; closed by the last hold */
+    _Atomic int fd_holds;           /* the I/O thread's and the loop half's */
+
+    /* Shared. */
+    _Atomic bool want_read;         /* loop: the protocol reads (then signal READING) */
+    mt_credit read_credit;          /* bytes delivered, not consumed */
+    _Atomic uint64_t flushed;       /* output bytes sent or dropped; I/O writes */
+    _Atomic uint64_t resume_at;     /* loop: report DRAINED once flushed >= this; 0 none */
+    _Atomic uint64_t blocked_mark;  /* loop: report BLOCKED once the fd is full with
+                                       at least this much waiting; 0 none */
+    _Atomic bool output_full;       /* I/O: the fd refused output; cleared when it
+                                       took some again */
+    _Atomic int write_err;          /* the first hard write error, set (once) by
+                                       whichever thread saw it */
+
+    /* The owning I/O thread only. */
+    mt_io_watch watch;
+    mt_msg *out_head, *out_tail;    /* WRITE messages, in order */
+    uint64_t out_bytes;             /* bytes in them not sent yet */
+    size_t out_off;                 /* bytes of out_head already sent */
+    int sf_fd;                      /* the sendfile's own file descriptor, or -1 */
+    int64_t sf_offset;
+    size_t sf_left, sf_done;
+    bool want_write;                /* output waits for writability */
+    bool starved;                   /* out of read credit */
+    bool read_done;                 /* EOF or a read error seen */
+    bool shut_wr_pending, closing, closed, write_failed;
+};
+
+/* A new, unattached flow around `fd`, which it owns from now on (one
+ * reference, the caller's); NULL with errno set, the fd still the
+ * caller's. */
+mt_flow *mt_flow_new(const mt_fd_ops *fd_ops, const struct mt_loop_ops *loop_ops,
+                     mt_sink *sink, mt_io_thread *io, int fd);
+
+/* Drops one hold on the fd (the I/O thread's when it released the flow,
+ * the loop half's when it lets go); the last closes it.  Any thread. */
+void mt_flow_drop_fd(mt_flow *f);
+
+/* ---- the handshakes -------------------------------------------------------
+ *
+ * DRAINED and BLOCKED race the loop's marks against the I/O thread's
+ * progress.  Each side stores its own field, then loads the other's, both
+ * sequentially consistent (Dekker's pattern): at least one side sees the
+ * other's store, and a CAS on the mark makes sure only one reports. */
+
+/* I/O thread: `n` more bytes left the output queue.  True when `flushed`
+ * reached the loop's resume mark and this call took it: report DRAINED. */
+bool mt_flow_add_flushed(mt_flow *f, uint64_t n);
+/* I/O thread: the fd refused output (out_bytes waiting).  True when the
+ * loop asked about that much and this call took the mark: report BLOCKED. */
+bool mt_flow_note_full(mt_flow *f);
+
+/* ---- the loop's side of the handshakes (loop thread) ---------------------- */
+
+/* `n` delivered bytes were consumed.  True when the caller must signal
+ * MT_FLOW_CREDIT (reading had stopped for credit). */
+bool mt_flow_consumed(mt_flow *f, size_t n);
+/* Asks for DRAINED once `flushed` reaches `mark`.  True when it already
+ * has: the caller reports it now, and no DRAINED will come for this mark. */
+bool mt_flow_arm_resume(mt_flow *f, uint64_t mark);
+/* Asks for BLOCKED once the fd refuses output with at least `mark` bytes
+ * waiting.  True when the fd is refusing output already: the caller
+ * decides now, and no BLOCKED will come for this mark. */
+bool mt_flow_arm_blocked(mt_flow *f, uint64_t mark);
+
+#endif

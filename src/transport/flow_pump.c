@@ -1,0 +1,524 @@
+/* The flow pump: the I/O-thread half of every byte-stream transport, and
+ * the loop's side of its handshakes.  See flow.h.  The I/O half runs only
+ * on the owning thread and never touches Python. */
+#include "transport/flow.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define MT_MAX_IOV 64
+#define MT_READS_PER_EVENT 16
+
+static void emit(mt_io_thread *io, mt_flow *f, uint8_t op, int err)
+{
+    /* Nothing follows RELEASED.  Out of memory: dropped; RELEASED, which
+     * cannot fail, still ends the flow for the loop. */
+    if (!f->closed)
+        (void)mt_io_thread_emit_op(io, &f->rec, op, err);
+}
+
+static void finish_close(mt_io_thread *io, mt_flow *f, int err, bool notify);
+
+/* ---- interest ------------------------------------------------------------- */
+
+static void update_interest(mt_io_thread *io, mt_flow *f)
+{
+    if (f->closed || !f->rec.attached)
+        return;
+    bool read = atomic_load_explicit(&f->want_read, memory_order_relaxed) && !f->starved &&
+                !f->read_done && !f->closing;
+    unsigned interest = (read ? MT_IO_READ : 0) | (f->want_write ? MT_IO_WRITE : 0);
+    if (mt_io_watch_set(&f->watch, interest) < 0)
+        finish_close(io, f, errno, true); /* a silent flow would hang its peer */
+}
+
+/* ---- the output side ------------------------------------------------------ */
+
+static void emit_sendfile_done(mt_io_thread *io, mt_flow *f, int err, size_t sent)
+{
+    if (f->closed)
+        return; /* nothing follows RELEASED: the loop ends the waiter there */
+    mt_msg *msg = mt_msg_new(MT_FLOW_SENDFILE_DONE, &f->rec, sizeof(mt_flow_sendfile_done));
+    if (msg == NULL)
+        return; /* the loop's waiter ends with RELEASED at the latest */
+    msg->err = err;
+    ((mt_flow_sendfile_done *)mt_msg_data(msg))->sent = sent;
+    mt_io_thread_emit(io, msg);
+}
+
+static void end_sendfile(mt_io_thread *io, mt_flow *f, int err, bool notify)
+{
+    if (f->sf_fd < 0)
+        return;
+    close(f->sf_fd);
+    f->sf_fd = -1;
+    if (notify)
+        emit_sendfile_done(io, f, err, f->sf_done);
+}
+
+/* The handshakes' I/O side (flow.h).  Each side stores, then loads what the
+ * other stores, both sequentially consistent: with a release store here
+ * instead, x86 let the load pass the store and each side miss the other's
+ * update (the DRAINED that resume_writing() waits for never came: 66-741
+ * lost in 10^6 racing rounds on the 2-core VM, tests/c/test_flow_race.c). */
+bool mt_flow_add_flushed(mt_flow *f, uint64_t n)
+{
+    uint64_t flushed = atomic_load_explicit(&f->flushed, memory_order_relaxed) + n;
+    atomic_store_explicit(&f->flushed, flushed, memory_order_seq_cst);
+    uint64_t mark = atomic_load_explicit(&f->resume_at, memory_order_seq_cst);
+    if (mark == 0 || flushed < mark)
+        return false;
+    return atomic_compare_exchange_strong(&f->resume_at, &mark, 0); /* or the loop took it */
+}
+
+static bool take_blocked_mark(mt_flow *f)
+{
+    uint64_t mark = atomic_load_explicit(&f->blocked_mark, memory_order_seq_cst);
+    if (mark == 0 || f->out_bytes < mark)
+        return false;
+    return atomic_compare_exchange_strong(&f->blocked_mark, &mark, 0);
+}
+
+bool mt_flow_note_full(mt_flow *f)
+{
+    atomic_store_explicit(&f->output_full, true, memory_order_seq_cst);
+    return take_blocked_mark(f);
+}
+
+/* `n` more bytes left the queue (sent, or dropped). */
+static void note_flushed(mt_io_thread *io, mt_flow *f, uint64_t n)
+{
+    if (!mt_flow_add_flushed(f, n) || f->closed)
+        return;
+    if (!mt_io_thread_emit_op(io, &f->rec, MT_FLOW_DRAINED, 0)) {
+        /* Out of memory: the next flush tries again. */
+        atomic_store_explicit(&f->resume_at, atomic_load(&f->flushed), memory_order_relaxed);
+    }
+}
+
+/* More output waits behind a full fd: tell the loop if it asked about this
+ * much. */
+static void check_blocked(mt_io_thread *io, mt_flow *f)
+{
+    if (take_blocked_mark(f))
+        emit(io, f, MT_FLOW_BLOCKED, 0);
+}
+
+static void note_full(mt_io_thread *io, mt_flow *f)
+{
+    f->want_write = true;
+    update_interest(io, f);
+    if (mt_flow_note_full(f))
+        emit(io, f, MT_FLOW_BLOCKED, 0);
+}
+
+/* Output that will never be sent still leaves the queue: counting it as
+ * flushed brings the loop's write-buffer size back to zero. */
+static void drop_output(mt_io_thread *io, mt_flow *f)
+{
+    uint64_t dropped = 0;
+    while (f->out_head != NULL) {
+        mt_msg *m = f->out_head;
+        f->out_head = (mt_msg *)atomic_load_explicit(&m->node.next, memory_order_relaxed);
+        dropped += m->len - f->out_off;
+        f->out_off = 0;
+        mt_msg_free(m);
+    }
+    f->out_tail = NULL;
+    f->out_bytes = 0;
+    if (dropped)
+        note_flushed(io, f, dropped);
+}
+
+static void write_failed(mt_io_thread *io, mt_flow *f, int err)
+{
+    int none = 0;
+    atomic_compare_exchange_strong(&f->write_err, &none, err);
+    f->write_failed = true;
+    f->want_write = false;
+    drop_output(io, f);
+    update_interest(io, f);
+    emit(io, f, MT_FLOW_WRITE_ERROR, err);
+}
+
+/* Sends queued output until it is gone or the fd is full.  Returns true
+ * when nothing is left to send. */
+static bool flush_output(mt_io_thread *io, mt_flow *f)
+{
+    while (f->out_head != NULL) {
+        struct iovec iov[MT_MAX_IOV];
+        int cnt = 0;
+        size_t off = f->out_off;
+        for (mt_msg *m = f->out_head; m != NULL && cnt < MT_MAX_IOV;
+             m = (mt_msg *)atomic_load_explicit(&m->node.next, memory_order_relaxed), off = 0) {
+            iov[cnt].iov_base = (char *)mt_msg_data(m) + off;
+            iov[cnt].iov_len = m->len - off;
+            cnt++;
+        }
+        ssize_t n = f->fd_ops->writev(f, iov, cnt);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                note_full(io, f);
+                return false;
+            }
+            write_failed(io, f, errno);
+            return true;
+        }
+        if (atomic_load_explicit(&f->output_full, memory_order_relaxed))
+            atomic_store_explicit(&f->output_full, false, memory_order_relaxed);
+        size_t left = (size_t)n;
+        f->out_bytes -= left;
+        mt_counter_add(&mt_io_thread_stats(io)->bytes_written, left);
+        while (left > 0) {
+            mt_msg *m = f->out_head;
+            size_t avail = m->len - f->out_off;
+            if (left < avail) {
+                f->out_off += left;
+                break;
+            }
+            left -= avail;
+            f->out_head = (mt_msg *)atomic_load_explicit(&m->node.next, memory_order_relaxed);
+            f->out_off = 0;
+            mt_msg_free(m);
+        }
+        if (f->out_head == NULL)
+            f->out_tail = NULL;
+        note_flushed(io, f, (uint64_t)n);
+    }
+    return true;
+}
+
+/* The errors after which nothing can be sent any more (others, such as a
+ * file sendfile() cannot read, leave the connection usable: the loop falls
+ * back to writes). */
+static bool connection_broken(int err)
+{
+    switch (err) {
+    case EPIPE:
+    case ECONNRESET:
+    case ECONNABORTED:
+    case ENOTCONN:
+    case ESHUTDOWN:
+    case ETIMEDOUT:
+    case EHOSTUNREACH:
+    case ENETUNREACH:
+    case ENETDOWN:
+        return true;
+    default:
+        return false;
+    }
+}
+
+/* Returns true when the sendfile is over (done or failed). */
+static bool run_sendfile(mt_io_thread *io, mt_flow *f)
+{
+    int err = 0;
+    while (f->sf_left > 0) {
+        size_t chunk = f->sf_left < 0x7ffff000u ? f->sf_left : 0x7ffff000u;
+        ssize_t n = f->fd_ops->sendfile(f, f->sf_fd, &f->sf_offset, chunk);
+        if (n > 0) {
+            f->sf_left -= (size_t)n;
+            f->sf_done += (size_t)n;
+            mt_counter_add(&mt_io_thread_stats(io)->bytes_written, (uint64_t)n);
+            continue;
+        }
+        if (n == 0)
+            break; /* end of file before count */
+        if (errno == EINTR)
+            continue;
+        if (errno == EAGAIN) {
+            f->want_write = true;
+            update_interest(io, f);
+            return false;
+        }
+        err = errno;
+        break;
+    }
+    end_sendfile(io, f, err, true);
+    if (err != 0 && connection_broken(err))
+        write_failed(io, f, err); /* as a failed send fails the transport */
+    return true;
+}
+
+/* Moves output forward: queued writes, then a pending sendfile, then the
+ * deferred shutdown and close once everything is out. */
+static void pump_output(mt_io_thread *io, mt_flow *f)
+{
+    if (f->closed)
+        return;
+    if (f->out_head != NULL && !flush_output(io, f))
+        return;
+    if (f->sf_fd >= 0 && !f->write_failed && !run_sendfile(io, f))
+        return;
+    if (f->want_write) {
+        f->want_write = false;
+        update_interest(io, f);
+    }
+    if (f->shut_wr_pending && !f->write_failed) {
+        f->shut_wr_pending = false;
+        f->fd_ops->shutdown_wr(f);
+    }
+    if (f->closing)
+        finish_close(io, f, 0, true);
+}
+
+/* ---- the input side ------------------------------------------------------- */
+
+/* Reads straight into a completion record the size of one pool block, so
+ * a large read is copied once (kernel to record) before the loop makes
+ * its bytes object.  A short read moves to a record of its own size and
+ * the big one goes back to this thread's pool cache at once. */
+static void on_readable(mt_io_thread *io, mt_flow *f)
+{
+    for (int round = 0; round < MT_READS_PER_EVENT; round++) {
+        if (!mt_credit_available(&f->read_credit, MT_READ_CREDIT)) {
+            f->starved = true;
+            update_interest(io, f);
+            return;
+        }
+        mt_msg *msg = mt_msg_new(MT_FLOW_DATA, &f->rec, MT_READ_MAX);
+        if (msg == NULL) {
+            f->read_done = true;
+            update_interest(io, f);
+            emit(io, f, MT_FLOW_READ_ERROR, ENOMEM);
+            return;
+        }
+        ssize_t n = f->fd_ops->read(f, mt_msg_data(msg), MT_READ_MAX);
+        if (n > 0) {
+            if ((size_t)n <= MT_READ_COPY_MAX) {
+                mt_msg *small = mt_msg_new(MT_FLOW_DATA, &f->rec, (size_t)n);
+                if (small != NULL) {
+                    memcpy(mt_msg_data(small), mt_msg_data(msg), (size_t)n);
+                    mt_msg_free(msg);
+                    msg = small;
+                }
+            }
+            msg->len = (size_t)n;
+            mt_credit_take(&f->read_credit, mt_read_charge((size_t)n));
+            mt_counter_add(&mt_io_thread_stats(io)->bytes_read, (uint64_t)n);
+            mt_io_thread_emit(io, msg);
+            if ((size_t)n < MT_READ_MAX)
+                return;
+            continue;
+        }
+        int err = errno;
+        mt_msg_free(msg);
+        if (n < 0 && err == EINTR)
+            continue;
+        if (n < 0 && (err == EAGAIN || err == EWOULDBLOCK))
+            return;
+        f->read_done = true;
+        update_interest(io, f);
+        if (n == 0)
+            emit(io, f, MT_FLOW_EOF, 0);
+        else
+            emit(io, f, MT_FLOW_READ_ERROR, err);
+        return;
+    }
+}
+
+static void on_watch(mt_io_watch *w, unsigned events)
+{
+    mt_flow *f = MT_CONTAINER_OF(w, mt_flow, watch);
+    mt_io_thread *io = w->io;
+    if (!(events & MT_IO_WRITE)) {
+        on_readable(io, f); /* the common case, kept free of atomics */
+        return;
+    }
+    /* Writable first: flushing may close the flow and let go of the
+     * record, so it is held, and read only if it is still open. */
+    mt_record_incref(&f->rec);
+    pump_output(io, f);
+    if ((events & MT_IO_READ) && (f->watch.interest & MT_IO_READ) && !f->closed)
+        on_readable(io, f);
+    mt_record_decref(&f->rec);
+}
+
+/* ---- lifetime ------------------------------------------------------------- */
+
+void mt_flow_drop_fd(mt_flow *f)
+{
+    if (atomic_fetch_sub_explicit(&f->fd_holds, 1, memory_order_acq_rel) == 1)
+        close(f->fd);
+}
+
+static void finish_close(mt_io_thread *io, mt_flow *f, int err, bool notify)
+{
+    if (f->closed)
+        return;
+    end_sendfile(io, f, ECONNABORTED, notify); /* its DONE before RELEASED */
+    f->closed = true;
+    drop_output(io, f);
+    if (f->rec.attached) {
+        mt_io_watch_close(&f->watch);
+        atomic_fetch_sub_explicit(&mt_io_thread_stats(io)->transports, 1, memory_order_relaxed);
+    }
+    mt_flow_drop_fd(f);
+    if (notify)
+        mt_record_release(io, &f->rec, err);
+    mt_record_detach(io, &f->rec);
+}
+
+static void attach(mt_io_thread *io, mt_flow *f)
+{
+    if (mt_io_watch_open(&f->watch, io, f->fd, on_watch) < 0) {
+        int err = errno;
+        f->closed = true;
+        drop_output(io, f);
+        mt_flow_drop_fd(f);
+        mt_record_release(io, &f->rec, err);
+        return;
+    }
+    mt_record_attach(io, &f->rec);
+    atomic_fetch_add_explicit(&mt_io_thread_stats(io)->transports, 1, memory_order_relaxed);
+}
+
+/* ---- the runtime's entry points ------------------------------------------- */
+
+static void flow_message(mt_io_thread *io, mt_record *rec, mt_msg *msg)
+{
+    mt_flow *f = (mt_flow *)rec;
+    switch (msg->op) {
+    case MT_FLOW_WRITE:
+        if (msg->len == 0 || f->closed || f->write_failed) {
+            uint64_t len = msg->len;
+            mt_msg_free(msg);
+            note_flushed(io, f, len);
+            return;
+        }
+        atomic_store_explicit(&msg->node.next, NULL, memory_order_relaxed);
+        if (f->out_tail)
+            atomic_store_explicit(&f->out_tail->node.next, &msg->node, memory_order_relaxed);
+        else
+            f->out_head = msg;
+        f->out_tail = msg;
+        f->out_bytes += msg->len;
+        mt_record_mark_dirty(io, rec); /* flushed once, after the batch */
+        return;
+    case MT_FLOW_SENDFILE: {
+        mt_flow_sendfile *sf = mt_msg_data(msg);
+        if (f->closed || f->sf_fd >= 0 || sf->fd < 0 || f->fd_ops->sendfile == NULL) {
+            if (sf->fd >= 0)
+                close(sf->fd);
+            emit_sendfile_done(io, f, sf->fd < 0 ? EBADF : EINVAL, 0);
+        } else {
+            f->sf_fd = sf->fd;
+            f->sf_offset = sf->offset;
+            f->sf_left = sf->count;
+            f->sf_done = 0;
+            mt_record_mark_dirty(io, rec);
+        }
+        mt_msg_free(msg);
+        return;
+    }
+    default:
+        mt_msg_free(msg);
+    }
+}
+
+static void flow_service(mt_io_thread *io, mt_record *rec, uint32_t control)
+{
+    mt_flow *f = (mt_flow *)rec;
+    if (f->closed)
+        return;
+    if (control & MT_FLOW_ATTACH) {
+        attach(io, f);
+        if (f->closed)
+            return;
+    }
+    if (!rec->attached)
+        return; /* cannot happen: ATTACH is the first signal of a flow */
+    if (control & MT_FLOW_ABORT) {
+        finish_close(io, f, 0, true);
+        return;
+    }
+    if (control & MT_FLOW_SF_CANCEL)
+        end_sendfile(io, f, ECANCELED, true);
+    if (control & MT_FLOW_SHUT_WR)
+        f->shut_wr_pending = true;
+    if (control & MT_FLOW_CLOSE)
+        f->closing = true;
+    if (control & MT_FLOW_CREDIT)
+        f->starved = false;
+    update_interest(io, f);
+    if (f->closed)
+        return;
+    if (!f->want_write)
+        pump_output(io, f);
+    else if (f->out_head != NULL)
+        check_blocked(io, f); /* more output behind a full fd */
+}
+
+static void flow_drop(mt_io_thread *io, mt_record *rec, bool notify)
+{
+    finish_close(io, (mt_flow *)rec, ECONNABORTED, notify);
+}
+
+static void flow_destroy(mt_record *rec)
+{
+    mt_flow *f = (mt_flow *)rec;
+    /* Queued output holds references: none is left by now.  A hold not
+     * dropped belongs to a flow no I/O thread ever served. */
+    if (f->sf_fd >= 0)
+        close(f->sf_fd);
+    if (atomic_load_explicit(&f->fd_holds, memory_order_acquire) > 0)
+        close(f->fd);
+    free(f);
+}
+
+static const mt_record_ops flow_ops = {
+    .message = flow_message,
+    .service = flow_service,
+    .drop = flow_drop,
+    .destroy = flow_destroy,
+};
+
+mt_flow *mt_flow_new(const mt_fd_ops *fd_ops, const struct mt_loop_ops *loop_ops,
+                     mt_sink *sink, mt_io_thread *io, int fd)
+{
+    mt_flow *f = calloc(1, sizeof(*f));
+    if (f == NULL)
+        return NULL;
+    mt_record_init(&f->rec, &flow_ops, loop_ops, sink, io);
+    f->fd_ops = fd_ops;
+    f->fd = fd;
+    atomic_init(&f->fd_holds, 2);
+    f->sf_fd = -1;
+    atomic_init(&f->want_read, false);
+    mt_credit_init(&f->read_credit);
+    atomic_init(&f->flushed, 0);
+    atomic_init(&f->resume_at, 0);
+    atomic_init(&f->blocked_mark, 0);
+    atomic_init(&f->output_full, false);
+    atomic_init(&f->write_err, 0);
+    return f;
+}
+
+/* ---- the loop's side of the handshakes ------------------------------------ */
+
+bool mt_flow_consumed(mt_flow *f, size_t n)
+{
+    return mt_credit_return(&f->read_credit, mt_read_charge(n), MT_READ_CREDIT);
+}
+
+bool mt_flow_arm_resume(mt_flow *f, uint64_t mark)
+{
+    atomic_store_explicit(&f->resume_at, mark, memory_order_seq_cst);
+    if (atomic_load_explicit(&f->flushed, memory_order_seq_cst) < mark)
+        return false;
+    uint64_t expected = mark;
+    return atomic_compare_exchange_strong(&f->resume_at, &expected, 0);
+}
+
+bool mt_flow_arm_blocked(mt_flow *f, uint64_t mark)
+{
+    atomic_store_explicit(&f->blocked_mark, mark, memory_order_seq_cst);
+    if (!atomic_load_explicit(&f->output_full, memory_order_seq_cst))
+        return false;
+    uint64_t expected = mark;
+    return atomic_compare_exchange_strong(&f->blocked_mark, &expected, 0);
+}
