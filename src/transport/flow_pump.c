@@ -36,6 +36,13 @@ static void update_interest(mt_io_thread *io, mt_flow *f)
 
 /* ---- the output side ------------------------------------------------------ */
 
+/* The next WRITE of the output queue, chained through the message's node. */
+static mt_msg *out_next(mt_msg *m)
+{
+    mt_mpsc_node *next = atomic_load_explicit(&m->node.next, memory_order_relaxed);
+    return next ? MT_CONTAINER_OF(next, mt_msg, node) : NULL;
+}
+
 static void emit_sendfile_done(mt_io_thread *io, mt_flow *f, int err, size_t sent)
 {
     if (f->closed)
@@ -121,7 +128,7 @@ static void drop_output(mt_io_thread *io, mt_flow *f)
     uint64_t dropped = 0;
     while (f->out_head != NULL) {
         mt_msg *m = f->out_head;
-        f->out_head = (mt_msg *)atomic_load_explicit(&m->node.next, memory_order_relaxed);
+        f->out_head = out_next(m);
         dropped += m->len - f->out_off;
         f->out_off = 0;
         mt_msg_free(m);
@@ -151,8 +158,7 @@ static bool flush_output(mt_io_thread *io, mt_flow *f)
         struct iovec iov[MT_MAX_IOV];
         int cnt = 0;
         size_t off = f->out_off;
-        for (mt_msg *m = f->out_head; m != NULL && cnt < MT_MAX_IOV;
-             m = (mt_msg *)atomic_load_explicit(&m->node.next, memory_order_relaxed), off = 0) {
+        for (mt_msg *m = f->out_head; m != NULL && cnt < MT_MAX_IOV; m = out_next(m), off = 0) {
             iov[cnt].iov_base = (char *)mt_msg_data(m) + off;
             iov[cnt].iov_len = m->len - off;
             cnt++;
@@ -181,7 +187,7 @@ static bool flush_output(mt_io_thread *io, mt_flow *f)
                 break;
             }
             left -= avail;
-            f->out_head = (mt_msg *)atomic_load_explicit(&m->node.next, memory_order_relaxed);
+            f->out_head = out_next(m);
             f->out_off = 0;
             mt_msg_free(m);
         }
