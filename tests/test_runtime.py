@@ -507,6 +507,44 @@ def test_shutdown_runtime_then_reuse(new_loop):
     assert total(snap, "bytes_read") >= 2 * len(b"after shutdown")
 
 
+def _open_fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_shutdown_runtime_with_open_transports_leaks_no_fd(new_loop):
+    """shutdown_runtime() while transports are open: each gets
+    connection_lost(ConnectionAbortedError), and once they are gone every
+    descriptor they held is closed (the I/O thread's copy of a
+    connection's fd is the one the pool's stop releases)."""
+    loop = new_loop(io_threads=2)
+    lost = []
+
+    class Proto(asyncio.Protocol):
+        def connection_lost(self, exc):
+            lost.append(exc)
+
+    async def main():
+        server = await loop.create_server(Proto, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        pairs = [await loop.create_connection(Proto, "127.0.0.1", port) for _ in range(8)]
+        await asyncio.sleep(0.05)  # the server side's transports too
+        before = _open_fds()
+        mtloop.shutdown_runtime()
+        deadline = loop.time() + 5
+        while len(lost) < 16 and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        server.close()
+        await server.wait_closed()
+        return before, pairs
+
+    before, pairs = run_on(loop, main())
+    assert len(lost) == 16, lost
+    assert all(isinstance(exc, ConnectionAbortedError) for exc in lost), lost
+    # 8 client and 8 server connections, each one descriptor, and the
+    # listening socket, are gone.
+    assert _open_fds() <= before - 17
+
+
 def test_shutdown_runtime_stops_threads(tmp_path):
     """In a fresh process: the pool's threads exist after first use
     (/proc/self/task grows by at least io_threads), shutdown_runtime() makes

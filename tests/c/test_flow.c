@@ -664,6 +664,39 @@ static void test_sink_close_and_shutdown(void **state)
 
 /* The fd's two holds: it closes when the second goes, whichever that is,
  * and never twice (the number may belong to a new socket by then). */
+/* The poller refuses the fd (epoll takes no regular file): the flow fails
+ * with that error, RELEASED(EPERM), instead of staying silent, which is
+ * what an ignored event_add() result did before. */
+static void test_watch_failure_fails_the_flow(void **state)
+{
+    (void)state;
+    char path[] = "/tmp/mt-test-flow-XXXXXX";
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    unlink(path);
+    mt_sink *sink = mt_sink_new();
+    assert_non_null(sink);
+    mt_flow *f = mt_flow_new(&mt_socket_fd_ops, NULL, sink, g_io, fd);
+    assert_non_null(f);
+    atomic_store(&f->want_read, true);
+    assert_true(mt_record_signal(&f->rec, MT_FLOW_ATTACH | MT_FLOW_READING));
+    mt_msg *msg = NULL;
+    for (int ms = 0; ms < WAIT_MS && msg == NULL; ms++) {
+        msg = mt_sink_pop(sink);
+        if (msg == NULL)
+            mt_test_sleep_us(1000);
+    }
+    assert_non_null(msg);
+    assert_int_equal(msg->op, MT_OP_RELEASED);
+    assert_int_equal(msg->err, EPERM);
+    mt_msg_free(msg);
+    assert_null(mt_sink_pop(sink));
+    mt_flow_drop_fd(f); /* the loop's hold: the last one */
+    assert_false(fd_open(fd));
+    mt_record_decref(&f->rec);
+    mt_sink_decref(sink);
+}
+
 static void test_fd_ownership(void **state)
 {
     (void)state;
@@ -1089,6 +1122,7 @@ int main(void)
         cmocka_unit_test_teardown(test_sendfile, h_teardown),
         cmocka_unit_test_teardown(test_sink_close_and_shutdown, h_teardown),
         cmocka_unit_test_teardown(test_fd_ownership, h_teardown),
+        cmocka_unit_test_teardown(test_watch_failure_fails_the_flow, h_teardown),
         cmocka_unit_test_teardown(test_listener_accepts, h_teardown),
         cmocka_unit_test_teardown(test_listener_drop, h_teardown),
         cmocka_unit_test_teardown(test_listener_accept_credit, h_teardown),
