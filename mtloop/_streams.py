@@ -2,42 +2,27 @@
 I/O threads.
 
 asyncio.BaseEventLoop already implements create_connection, create_server,
-connect_accepted_socket and sendfile on top of a few hooks
-(_make_socket_transport, _start_serving, _stop_serving, _sendfile_native);
-this mixin provides those hooks with mtloop's transports and listeners, and
-refuses TLS clearly until mtloop supports it.
+connect_accepted_socket, start_tls and sendfile on top of a few hooks
+(_make_socket_transport, _make_ssl_transport, _start_serving, _stop_serving,
+_sendfile_native); this mixin provides those hooks with mtloop's transports
+and listeners.  TLS runs asyncio's own SSL protocol (asyncio.sslproto) over
+an mtloop transport, on the loop thread, exactly as on the stock loop.
 """
 
 from __future__ import annotations
 
-import asyncio
 import errno
-import functools
 import os
 import socket
-from asyncio import constants, exceptions, trsock
+from asyncio import constants, exceptions, sslproto, trsock
 from typing import Any, Callable
 
 from . import _mtloop
 from ._transports import SocketTransport
-from ._unix import reject_ssl
 
 __all__ = ["StreamMethods"]
 
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-
-
-def _refusing_tls(name: str) -> Callable[..., Any]:
-    """BaseEventLoop.<name>, failing before any socket work when ssl= asks
-    for TLS."""
-    base = getattr(asyncio.BaseEventLoop, name)
-
-    @functools.wraps(base)
-    async def method(self: Any, *args: Any, **kwargs: Any) -> Any:
-        reject_ssl(kwargs.get("ssl"))
-        return await base(self, *args, **kwargs)
-
-    return method
 
 
 class StreamMethods:
@@ -45,26 +30,22 @@ class StreamMethods:
 
     _mt_listeners: dict[int, Any]
 
-    create_connection = _refusing_tls("create_connection")
-    create_server = _refusing_tls("create_server")
-    connect_accepted_socket = _refusing_tls("connect_accepted_socket")
-
-    async def start_tls(self, transport: Any, protocol: Any, sslcontext: Any, *,
-                        server_side: bool = False, server_hostname: str | None = None,
-                        ssl_handshake_timeout: float | None = None,
-                        ssl_shutdown_timeout: float | None = None) -> Any:
-        raise NotImplementedError(
-            "mtloop does not support TLS yet (start_tls); "
-            "it is planned for a later release")
-
-    def _make_ssl_transport(self, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError(
-            "mtloop does not support TLS yet (ssl=...); "
-            "it is planned for a later release")
-
     def _make_socket_transport(self, sock: socket.socket, protocol: Any, waiter: Any = None,
                                *, extra: dict | None = None, server: Any = None) -> Any:
         return SocketTransport(self, sock, protocol, waiter, extra, server)
+
+    def _make_ssl_transport(
+            self, rawsock: socket.socket, protocol: Any, sslcontext: Any, waiter: Any = None,
+            *, server_side: bool = False, server_hostname: str | None = None,
+            extra: dict | None = None, server: Any = None,
+            ssl_handshake_timeout: float | None = constants.SSL_HANDSHAKE_TIMEOUT,
+            ssl_shutdown_timeout: float | None = constants.SSL_SHUTDOWN_TIMEOUT) -> Any:
+        ssl_protocol = sslproto.SSLProtocol(
+            self, protocol, sslcontext, waiter, server_side, server_hostname,
+            ssl_handshake_timeout=ssl_handshake_timeout,
+            ssl_shutdown_timeout=ssl_shutdown_timeout)
+        SocketTransport(self, rawsock, ssl_protocol, extra=extra, server=server)
+        return ssl_protocol._app_transport
 
     # ---- servers ------------------------------------------------------------
 
@@ -73,7 +54,6 @@ class StreamMethods:
                        ssl_handshake_timeout: float | None = constants.SSL_HANDSHAKE_TIMEOUT,
                        ssl_shutdown_timeout: float | None = constants.SSL_SHUTDOWN_TIMEOUT
                        ) -> None:
-        reject_ssl(sslcontext)
         fd = sock.fileno()
         old = self._mt_listeners.pop(fd, None)
         if old is not None:
@@ -86,7 +66,13 @@ class StreamMethods:
             sockname = None
 
         def on_accept(conn_fd: int, addr: Any) -> None:
-            self._mt_accept(protocol_factory, server, sockinfo, sockname, conn_fd, addr)
+            extra = {"peername": addr, "sockname": sockname}
+            if sslcontext:
+                self.create_task(self._mt_accept_tls(
+                    protocol_factory, server, sockinfo, extra, conn_fd, sslcontext,
+                    ssl_handshake_timeout, ssl_shutdown_timeout))
+            else:
+                self._mt_accept(protocol_factory, server, sockinfo, extra, conn_fd)
 
         def on_error(err: int) -> None:
             exc = OSError(err, os.strerror(err))
@@ -122,30 +108,66 @@ class StreamMethods:
         sock.close()
 
     def _mt_accept(self, protocol_factory: Callable[[], Any], server: Any,
-                   sockinfo: tuple[int, int, int], sockname: Any, fd: int, addr: Any) -> None:
+                   sockinfo: tuple[int, int, int], extra: dict, fd: int) -> None:
         """An accepted connection: `fd` is ours.  No Python socket object is
         made; the transport's record owns the descriptor."""
         protocol = None
         try:
-            try:
-                protocol = protocol_factory()
-            except BaseException:
-                os.close(fd)
-                raise
-            SocketTransport(self, None, protocol,
-                            extra={"peername": addr, "sockname": sockname},
-                            server=server, fd=fd, sockinfo=sockinfo)
+            protocol = self._mt_accepted_protocol(protocol_factory, fd)
+            SocketTransport(self, None, protocol, extra=extra, server=server, fd=fd,
+                            sockinfo=sockinfo)
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:
-            if self.get_debug():
-                context = {
-                    "message": "Error on transport creation for incoming connection",
-                    "exception": exc,
-                }
-                if protocol is not None:
-                    context["protocol"] = protocol
-                self.call_exception_handler(context)
+            self._mt_accept_failed(exc, protocol, None)
+
+    async def _mt_accept_tls(self, protocol_factory: Callable[[], Any], server: Any,
+                             sockinfo: tuple[int, int, int], extra: dict, fd: int,
+                             sslcontext: Any, ssl_handshake_timeout: float | None,
+                             ssl_shutdown_timeout: float | None) -> None:
+        """An accepted connection to a TLS server: asyncio's SSL protocol
+        over an mtloop transport, then the handshake, as the stock loop's
+        _accept_connection2() does it."""
+        protocol = transport = None
+        try:
+            protocol = self._mt_accepted_protocol(protocol_factory, fd)
+            waiter = self.create_future()
+            ssl_protocol = sslproto.SSLProtocol(
+                self, protocol, sslcontext, waiter, True, None,
+                ssl_handshake_timeout=ssl_handshake_timeout,
+                ssl_shutdown_timeout=ssl_shutdown_timeout)
+            SocketTransport(self, None, ssl_protocol, extra=extra, server=server, fd=fd,
+                            sockinfo=sockinfo)
+            transport = ssl_protocol._app_transport
+            try:
+                await waiter
+            except BaseException:
+                transport.close()
+                raise
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._mt_accept_failed(exc, protocol, transport)
+
+    @staticmethod
+    def _mt_accepted_protocol(protocol_factory: Callable[[], Any], fd: int) -> Any:
+        try:
+            return protocol_factory()
+        except BaseException:
+            os.close(fd)  # no transport took it
+            raise
+
+    def _mt_accept_failed(self, exc: BaseException, protocol: Any, transport: Any) -> None:
+        if self.get_debug():
+            context = {
+                "message": "Error on transport creation for incoming connection",
+                "exception": exc,
+            }
+            if protocol is not None:
+                context["protocol"] = protocol
+            if transport is not None:
+                context["transport"] = transport
+            self.call_exception_handler(context)
 
     # ---- sendfile -------------------------------------------------------------
 

@@ -246,6 +246,7 @@ class SocketTransport(_mtloop.StreamWriteMethods, FlowTransport):
     __slots__ = ("_sock", "_server", "_sockinfo")
 
     _sendfile_compatible = constants._SendfileMode.TRY_NATIVE
+    _start_tls_compatible = True
 
     def __init__(self, loop: Any, sock: socket.socket | None, protocol: Any,
                  waiter: Any = None, extra: dict | None = None, server: Any = None, *,

@@ -2,11 +2,11 @@
 loop.create_unix_server().
 
 They are built on the loop's generic transport hooks (_make_socket_transport
-through BaseEventLoop._create_connection_transport, and _start_serving /
-_stop_serving through asyncio's Server), so they behave like the stock
-loop's versions in asyncio.unix_events for Python 3.11 to 3.13: same
-signatures, same checks in the same order, same exceptions.  TLS is not
-supported yet; see reject_ssl().
+and _make_ssl_transport through BaseEventLoop._create_connection_transport,
+and _start_serving / _stop_serving through asyncio's Server), so they behave
+like the stock loop's versions in asyncio.unix_events for Python 3.11 to
+3.13: same signatures, same checks in the same order, same exceptions, TLS
+included.
 """
 
 from __future__ import annotations
@@ -20,23 +20,11 @@ from asyncio import base_events, tasks
 from asyncio.log import logger
 from typing import Any, Callable
 
-__all__ = ["UnixSocketMethods", "reject_ssl"]
+__all__ = ["UnixSocketMethods"]
 
 # Python 3.13 added create_unix_server(cleanup_socket=True): Server.close()
 # then removes the socket file the server was listening on.
 _HAS_CLEANUP = sys.version_info >= (3, 13)
-
-
-def reject_ssl(ssl: Any) -> None:
-    """Raise NotImplementedError if TLS was asked for (ssl is truthy).
-
-    Callers run it before they open or bind any socket, so a TLS request
-    fails cleanly instead of leaving a plain-text connection or listener.
-    """
-    if ssl:
-        raise NotImplementedError(
-            "mtloop does not support TLS yet (ssl=...); "
-            "it is planned for a later release")
 
 
 def _is_abstract(path: str | bytes) -> bool:
@@ -120,9 +108,11 @@ class _CleanupServer(base_events.Server):
     """
 
     def __init__(self, loop: Any, sock: socket.socket,
-                 protocol_factory: Callable[[], Any], backlog: int,
+                 protocol_factory: Callable[[], Any], ssl: Any, backlog: int,
+                 ssl_handshake_timeout: float | None, ssl_shutdown_timeout: float | None,
                  socket_file: tuple[str, int]) -> None:
-        super().__init__(loop, [sock], protocol_factory, None, backlog, None, None)
+        super().__init__(loop, [sock], protocol_factory, ssl, backlog,
+                         ssl_handshake_timeout, ssl_shutdown_timeout)
         self._mt_socket_file: tuple[str, int] | None = socket_file
 
     def close(self) -> None:
@@ -165,14 +155,17 @@ class UnixSocketMethods:
             ssl_shutdown_timeout: float | None = None) -> tuple[Any, Any]:
         """Connect to a UNIX stream socket at path, or wrap a connected sock."""
         assert server_hostname is None or isinstance(server_hostname, str)
-        reject_ssl(ssl)
-        # The stock loop's checks for the no-TLS case, in its order.
-        if server_hostname is not None:
-            raise ValueError("server_hostname is only meaningful with ssl")
-        if ssl_handshake_timeout is not None:
-            raise ValueError("ssl_handshake_timeout is only meaningful with ssl")
-        if ssl_shutdown_timeout is not None:
-            raise ValueError("ssl_shutdown_timeout is only meaningful with ssl")
+        # The stock loop's checks, in its order.
+        if ssl:
+            if server_hostname is None:
+                raise ValueError("you have to pass server_hostname when using ssl")
+        else:
+            if server_hostname is not None:
+                raise ValueError("server_hostname is only meaningful with ssl")
+            if ssl_handshake_timeout is not None:
+                raise ValueError("ssl_handshake_timeout is only meaningful with ssl")
+            if ssl_shutdown_timeout is not None:
+                raise ValueError("ssl_shutdown_timeout is only meaningful with ssl")
 
         if path is not None:
             if sock is not None:
@@ -194,8 +187,9 @@ class UnixSocketMethods:
             sock.setblocking(False)
 
         return await self._create_connection_transport(
-            sock, protocol_factory, None, None,
-            ssl_handshake_timeout=None, ssl_shutdown_timeout=None)
+            sock, protocol_factory, ssl, server_hostname,
+            ssl_handshake_timeout=ssl_handshake_timeout,
+            ssl_shutdown_timeout=ssl_shutdown_timeout)
 
     if _HAS_CLEANUP:
         async def create_unix_server(
@@ -234,10 +228,9 @@ class UnixSocketMethods:
             cleanup_socket: bool) -> base_events.Server:
         if isinstance(ssl, bool):
             raise TypeError("ssl argument must be an SSLContext or None")
-        reject_ssl(ssl)
-        if ssl_handshake_timeout is not None:
+        if ssl_handshake_timeout is not None and not ssl:
             raise ValueError("ssl_handshake_timeout is only meaningful with ssl")
-        if ssl_shutdown_timeout is not None:
+        if ssl_shutdown_timeout is not None and not ssl:
             raise ValueError("ssl_shutdown_timeout is only meaningful with ssl")
 
         if path is not None:
@@ -255,11 +248,12 @@ class UnixSocketMethods:
         sock.setblocking(False)
         server: base_events.Server
         if socket_file is not None:
-            server = _CleanupServer(self, sock, protocol_factory, backlog,
+            server = _CleanupServer(self, sock, protocol_factory, ssl, backlog,
+                                    ssl_handshake_timeout, ssl_shutdown_timeout,
                                     socket_file)
         else:
-            server = base_events.Server(self, [sock], protocol_factory, None,
-                                        backlog, None, None)
+            server = base_events.Server(self, [sock], protocol_factory, ssl, backlog,
+                                        ssl_handshake_timeout, ssl_shutdown_timeout)
         if start_serving:
             server._start_serving()
             # One loop iteration lets the listener's registration take

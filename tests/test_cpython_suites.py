@@ -2,8 +2,7 @@
 
 tools/cpython_asyncio.py runs each suite on the stock loop and on mtloop in
 separate processes and fails when a test passes on the stock loop but not on
-mtloop, unless tools/cpython_asyncio_known.py lists it with a reason (tests
-that need TLS are counted apart while its TLS_REASON is set).
+mtloop, unless tools/cpython_asyncio_known.py lists it with a reason.
 """
 
 import pathlib
@@ -17,9 +16,11 @@ RUNNER = pathlib.Path(__file__).resolve().parent.parent / "tools" / "cpython_asy
 CORE_SUITES = ["test_events", "test_runners", "test_taskgroups", "test_timeouts",
                "test_tasks", "test_futures"]
 
-# The runner's network group: transports, servers, streams, sendfile (issue #3).
+# The runner's network group: transports, servers, streams, sendfile (issue #3),
+# TLS (issue #10).
 NETWORK_SUITES = ["test_events:network", "test_streams", "test_server",
-                  "test_buffered_proto", "test_sock_lowlevel", "test_sendfile"]
+                  "test_buffered_proto", "test_sock_lowlevel", "test_sendfile",
+                  "test_ssl", "test_sslproto"]
 
 
 def _run(suite, *extra):

@@ -22,7 +22,7 @@ test_runners, test_taskgroups, test_timeouts, test_tasks, test_futures.
 network (``--network``): test_events:network (the rest of test_events' loop
 mixins: create_connection/create_server/unix sockets/datagrams/pipes/ptys/
 subprocesses), test_streams, test_server, test_buffered_proto,
-test_sock_lowlevel, test_sendfile.
+test_sock_lowlevel, test_sendfile, test_ssl, test_sslproto.
 
 The table has one row per suite: tests, passes per loop, regressions, known
 failures, TLS failures (below), other failures, and seconds per loop.  The
@@ -194,6 +194,9 @@ SUITES = {
         drop=SELECTOR_VARIANTS_RE,
         build=[("SendfileTests", ["SendfileTestsBase"], "utils",
                 "create_event_loop")]),
+    # TLS over transports (asyncio's SSL protocol), start_tls, TLS servers.
+    "test_ssl": dict(module="test_ssl", group="network"),
+    "test_sslproto": dict(module="test_sslproto", group="network"),
 }
 
 DEFAULT_SUITES = [n for n, s in SUITES.items() if s["group"] == "default"]

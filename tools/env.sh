@@ -8,7 +8,7 @@
 
 MT_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 MT_SUPPORTED="3.11 3.12 3.13"
-MT_PY_PACKAGES="scikit-build-core>=0.8 cmake>=3.18 ninja pytest>=7 uvloop>=0.19 matplotlib"
+MT_PY_PACKAGES="scikit-build-core>=0.8 cmake>=3.18 ninja pytest>=7 uvloop>=0.19 trustme matplotlib"
 
 mt_log() { printf '[mtloop] %s\n' "$*" >&2; }
 
@@ -57,7 +57,7 @@ mt_venv() {
     mt_log "creating $venv"
     "$py" -m venv "$venv" >&2
   fi
-  if ! "$venv/bin/python" -c 'import scikit_build_core, pytest, uvloop, ninja, cmake, matplotlib' >/dev/null 2>&1; then
+  if ! "$venv/bin/python" -c 'import scikit_build_core, pytest, uvloop, trustme, ninja, cmake, matplotlib' >/dev/null 2>&1; then
     mt_log "installing Python packages into $venv"
     "$venv/bin/python" -m pip install -q --upgrade pip >&2
     "$venv/bin/python" -m pip install -q $MT_PY_PACKAGES >&2

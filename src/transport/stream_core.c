@@ -32,6 +32,10 @@ typedef struct mt_stream_core {
     bool closed;                /* the I/O thread released the flow */
     bool sendfile_running;      /* a SENDFILE is out, its DONE not back yet */
     bool redelivery_scheduled;  /* a callback will hand deferred_* over */
+    bool close_pending;         /* close() found output queued: CLOSE goes
+                                   once the buffer is empty, after
+                                   resume_writing() had its chance to write
+                                   more, as the stock transport closes */
     int conn_lost;
     Py_ssize_t high_water, low_water;
     uint64_t queued;            /* bytes handed to WRITE messages */
@@ -313,14 +317,18 @@ static void push_own(mt_stream_core *self, uint8_t op)
         mt_sink_push(self->loop->sink, msg, msg);
 }
 
+static void arm_drained_at(mt_stream_core *self, uint64_t mark)
+{
+    if (mt_flow_arm_resume(self->flow, mark))
+        push_own(self, MT_FLOW_DRAINED);
+}
+
 /* While the protocol is paused, asks the I/O thread for DRAINED once the
  * buffer is down to the low-water mark. */
 static void arm_resume(mt_stream_core *self)
 {
     uint64_t low = (uint64_t)self->low_water;
-    uint64_t mark = self->queued > low ? self->queued - low : 1;
-    if (mt_flow_arm_resume(self->flow, mark))
-        push_own(self, MT_FLOW_DRAINED);
+    arm_drained_at(self, self->queued > low ? self->queued - low : 1);
 }
 
 static int maybe_pause(mt_stream_core *self)
@@ -428,6 +436,8 @@ static PyObject *queue_output(mt_stream_core *self, const void *buf, size_t len)
         arm_resume(self); /* the buffer grew: the mark moves with it */
     else
         rc = maybe_pause(self);
+    if (self->close_pending && !self->protocol_paused)
+        arm_drained_at(self, self->queued);
     post(self, msg);
     if (rc < 0)
         return NULL;
@@ -592,14 +602,27 @@ static PyObject *core_shutdown_write(mt_stream_core *self, PyObject *Py_UNUSED(a
     Py_RETURN_NONE;
 }
 
+/* Reading stops at once.  With output queued, the I/O thread flushes it
+ * and this half signals CLOSE when DRAINED finds the buffer empty after
+ * resume_writing() ran: a protocol may write from resume_writing() after
+ * close() (asyncio's SSL protocol sends its close_notify so), and the stock
+ * transport sends that too before it closes. */
 static PyObject *core_close(mt_stream_core *self, PyObject *Py_UNUSED(a))
 {
     if (check_fork(self) < 0)
         return NULL;
     self->closing = true;
     drop_deferred(self);
-    if (!self->closed)
+    if (self->closed || self->flow == NULL)
+        Py_RETURN_NONE;
+    if (write_buffer_size(self) == 0) {
         signal_flow(self, MT_FLOW_CLOSE);
+        Py_RETURN_NONE;
+    }
+    self->close_pending = true;
+    set_want_read(self, false);
+    if (!self->protocol_paused)
+        arm_drained_at(self, self->queued); /* paused: the resume mark comes first */
     Py_RETURN_NONE;
 }
 
@@ -609,6 +632,7 @@ static PyObject *core_abort(mt_stream_core *self, PyObject *Py_UNUSED(a))
         return NULL;
     self->closing = true;
     drop_deferred(self);
+    self->close_pending = false;
     if (!self->closed && self->flow != NULL) {
         /* The output is gone from this side's point of view at once. */
         self->queued = self->flushed_seen = atomic_load(&self->flow->flushed);
@@ -717,14 +741,24 @@ static PyObject *core_set_protocol(mt_stream_core *self, PyObject *protocol)
 
 static int on_drained(mt_stream_core *self)
 {
-    if (!self->protocol_paused || self->conn_lost)
-        return 0;
-    self->flushed_seen = atomic_load_explicit(&self->flow->flushed, memory_order_acquire);
-    if (write_buffer_size(self) > (uint64_t)self->low_water) {
-        arm_resume(self);
-        return 0;
+    if (self->protocol_paused && !self->conn_lost) {
+        self->flushed_seen = atomic_load_explicit(&self->flow->flushed, memory_order_acquire);
+        if (write_buffer_size(self) > (uint64_t)self->low_water) {
+            arm_resume(self);
+            return 0;
+        }
+        if (call_transport(self, "_maybe_resume_protocol", "()") < 0)
+            return -1; /* resume_writing() may have written more */
     }
-    return call_transport(self, "_maybe_resume_protocol", "()");
+    if (self->close_pending && !self->protocol_paused && self->flow != NULL) {
+        if (write_buffer_size(self) == 0) {
+            self->close_pending = false;
+            signal_flow(self, MT_FLOW_CLOSE);
+        } else {
+            arm_drained_at(self, self->queued);
+        }
+    }
+    return 0;
 }
 
 static int on_sendfile_done(mt_stream_core *self, int err, size_t sent)
@@ -969,6 +1003,8 @@ static int set_paused_flag(mt_stream_core *self, PyObject *v, void *Py_UNUSED(c)
     self->protocol_paused = b;
     if (b)
         arm_resume(self); /* DRAINED tells when to look at the buffer again */
+    else if (self->close_pending)
+        arm_drained_at(self, self->queued); /* and then when to close */
     else
         atomic_store(&self->flow->resume_at, 0);
     return 0;

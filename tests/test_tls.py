@@ -1,0 +1,615 @@
+"""TLS over the loop's transports, against asyncio (the reference), uvloop
+and mtloop: every entry point that takes ssl=, start_tls() on the loop and
+on a StreamWriter, asyncio's argument errors, verification failures, ALPN,
+SNI, client certificates, sendfile and BufferedProtocol over TLS, the
+extra info, and the handshake and shutdown timeouts.
+
+Certificates are made for the session by trustme (a throwaway CA); no key
+is committed.  Servers bind to 127.0.0.1 or a Unix path under tmp_path.
+"""
+
+import asyncio
+import socket
+import ssl
+import sys
+import threading
+
+import pytest
+import trustme
+
+from netutil import pattern
+
+HOST = "localhost"
+PAYLOAD = pattern(1024 * 1024 + 17)
+
+
+class Certs:
+    """A CA, a server certificate for localhost and 127.0.0.1, and a client
+    certificate; contexts made afresh for each use."""
+
+    def __init__(self):
+        self.ca = trustme.CA()
+        self.server_cert = self.ca.issue_cert(HOST, "127.0.0.1")
+        self.client_cert = self.ca.issue_cert("client.example")
+
+    def server(self, *, require_client_cert=False, alpn=None):
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.server_cert.configure_cert(ctx)
+        if require_client_cert:
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            self.ca.configure_trust(ctx)
+        if alpn:
+            ctx.set_alpn_protocols(alpn)
+        return ctx
+
+    def client(self, *, trust=True, cert=False, alpn=None):
+        ctx = ssl.create_default_context()
+        if trust:
+            self.ca.configure_trust(ctx)
+        if cert:
+            self.client_cert.configure_cert(ctx)
+        if alpn:
+            ctx.set_alpn_protocols(alpn)
+        return ctx
+
+
+@pytest.fixture(scope="session")
+def certs():
+    return Certs()
+
+
+class Echo(asyncio.Protocol):
+    """Echoes what it receives; records its transport and the end."""
+
+    def __init__(self, loop):
+        self.transport = None
+        self.made = loop.create_future()
+        self.lost = loop.create_future()
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.made.set_result(transport)
+
+    def data_received(self, data):
+        self.transport.write(data)
+
+    def connection_lost(self, exc):
+        if not self.lost.done():
+            self.lost.set_result(exc)
+
+
+class Collect(asyncio.Protocol):
+    """Collects what it receives until `want` bytes have come."""
+
+    def __init__(self, loop, want=len(PAYLOAD)):
+        self.want = want
+        self.data = bytearray()
+        self.done = loop.create_future()
+        self.lost = loop.create_future()
+        self.transport = None
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        self.data += data
+        if len(self.data) >= self.want and not self.done.done():
+            self.done.set_result(bytes(self.data))
+
+    def connection_lost(self, exc):
+        if not self.lost.done():
+            self.lost.set_result(exc)
+
+
+async def echo_through(transport, proto):
+    transport.write(PAYLOAD)
+    got = await asyncio.wait_for(proto.done, 10)
+    assert got == PAYLOAD
+
+
+async def close_both(client_transport, client_proto, server=None):
+    client_transport.close()
+    await asyncio.wait_for(client_proto.lost, 10)
+    if server is not None:
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), 10)
+
+
+# ---- every entry point that takes ssl= ---------------------------------------
+
+
+def test_tcp_client_and_server(loop, run, certs):
+    async def main():
+        sctx, cctx = certs.server(), certs.client()
+        server_protos = []
+
+        def factory():
+            p = Echo(loop)
+            server_protos.append(p)
+            return p
+
+        server = await loop.create_server(factory, "127.0.0.1", 0, ssl=sctx)
+        port = server.sockets[0].getsockname()[1]
+        t, p = await loop.create_connection(lambda: Collect(loop), "127.0.0.1", port,
+                                            ssl=cctx, server_hostname=HOST)
+        await echo_through(t, p)
+        # Extra info: TLS's own, and the TCP transport's beneath.
+        assert t.get_extra_info("sslcontext") is cctx
+        sslobj = t.get_extra_info("ssl_object")
+        assert sslobj.version() in ("TLSv1.2", "TLSv1.3")
+        assert sslobj.server_hostname == HOST
+        assert ("DNS", HOST) in t.get_extra_info("peercert")["subjectAltName"]
+        cipher = t.get_extra_info("cipher")
+        assert isinstance(cipher, tuple) and len(cipher) == 3
+        assert t.get_extra_info("compression") is None
+        assert t.get_extra_info("peername") == ("127.0.0.1", port)
+        assert t.get_extra_info("sockname")[0] == "127.0.0.1"
+        assert t.get_extra_info("socket").fileno() >= 0
+        st = server_protos[0].transport
+        assert st.get_extra_info("sslcontext") is sctx
+        assert st.get_extra_info("ssl_object").server_side
+        assert st.get_extra_info("peername") == t.get_extra_info("sockname")
+        await close_both(t, p, server)
+
+    run(main())
+
+
+def test_unix_client_and_server(loop, run, certs, tmp_path):
+    path = str(tmp_path / "tls.sock")
+
+    async def main():
+        server = await loop.create_unix_server(lambda: Echo(loop), path, ssl=certs.server())
+        t, p = await loop.create_unix_connection(lambda: Collect(loop), path,
+                                                 ssl=certs.client(), server_hostname=HOST)
+        await echo_through(t, p)
+        assert t.get_extra_info("ssl_object") is not None
+        await close_both(t, p, server)
+
+    run(main())
+
+
+def test_streams(loop, run, certs):
+    async def main():
+        async def handle(reader, writer):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=certs.server())
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=certs.client(),
+                                                       server_hostname=HOST)
+        writer.write(PAYLOAD)
+        await writer.drain()
+        assert await reader.readexactly(len(PAYLOAD)) == PAYLOAD
+        assert writer.get_extra_info("peercert") is not None
+        writer.write_eof() if writer.can_write_eof() else None
+        writer.close()
+        await writer.wait_closed()
+        server.close()
+        await server.wait_closed()
+
+    run(main())
+
+
+def test_connect_accepted_socket(loop, run, certs):
+    async def main():
+        lsock = socket.socket()
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen(1)
+        lsock.setblocking(False)
+        try:
+            connecting = asyncio.ensure_future(loop.create_connection(
+                lambda: Collect(loop), *lsock.getsockname(), ssl=certs.client(),
+                server_hostname=HOST))
+            conn, _ = await loop.sock_accept(lsock)
+            echo = Echo(loop)
+            st, _ = await loop.connect_accepted_socket(lambda: echo, conn, ssl=certs.server())
+            t, p = await connecting
+            await echo_through(t, p)
+            assert st.get_extra_info("ssl_object").server_side
+            await close_both(t, p)
+            await asyncio.wait_for(echo.lost, 10)
+        finally:
+            lsock.close()
+
+    run(main())
+
+
+def test_ssl_true_verifies_against_the_system_store(loop, run, certs):
+    """ssl=True: a default client context, which does not know the test CA."""
+
+    async def main():
+        server = await loop.create_server(lambda: Echo(loop), "127.0.0.1", 0,
+                                          ssl=certs.server())
+        port = server.sockets[0].getsockname()[1]
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await loop.create_connection(asyncio.Protocol, "127.0.0.1", port, ssl=True,
+                                         server_hostname=HOST)
+        server.close()
+        await server.wait_closed()
+
+    run(main())
+
+
+# ---- verification ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["untrusted", "wrong-hostname"])
+def test_verification_failure(loop, run, certs, case):
+    async def main():
+        server = await loop.create_server(lambda: Echo(loop), "127.0.0.1", 0,
+                                          ssl=certs.server())
+        port = server.sockets[0].getsockname()[1]
+        cctx = certs.client(trust=case != "untrusted")
+        hostname = "other.example" if case == "wrong-hostname" else HOST
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await loop.create_connection(asyncio.Protocol, "127.0.0.1", port, ssl=cctx,
+                                         server_hostname=hostname)
+        server.close()
+        await server.wait_closed()
+
+    run(main())
+
+
+def test_client_certificates(loop, run, certs):
+    async def main():
+        server_protos = []
+
+        def factory():
+            p = Echo(loop)
+            server_protos.append(p)
+            return p
+
+        server = await loop.create_server(factory, "127.0.0.1", 0,
+                                          ssl=certs.server(require_client_cert=True))
+        port = server.sockets[0].getsockname()[1]
+        t, p = await loop.create_connection(lambda: Collect(loop), "127.0.0.1", port,
+                                            ssl=certs.client(cert=True), server_hostname=HOST)
+        await echo_through(t, p)
+        peer = server_protos[0].transport.get_extra_info("peercert")
+        assert ("DNS", "client.example") in peer["subjectAltName"]
+        await close_both(t, p)
+        # Without a certificate the server refuses the handshake: the client
+        # learns it at the latest when it reads.
+        t, p = await loop.create_connection(lambda: Collect(loop), "127.0.0.1", port,
+                                            ssl=certs.client(), server_hostname=HOST)
+        t.write(b"x")
+        exc = await asyncio.wait_for(p.lost, 10)
+        assert exc is None or isinstance(exc, (ssl.SSLError, ConnectionError))
+        server.close()
+        await server.wait_closed()
+
+    run(main())
+
+
+# ---- ALPN and SNI ------------------------------------------------------------
+
+
+def test_alpn(loop, run, certs):
+    async def main():
+        server_protos = []
+
+        def factory():
+            p = Echo(loop)
+            server_protos.append(p)
+            return p
+
+        server = await loop.create_server(factory, "127.0.0.1", 0,
+                                          ssl=certs.server(alpn=["h2", "http/1.1"]))
+        port = server.sockets[0].getsockname()[1]
+        t, p = await loop.create_connection(lambda: Collect(loop, 1), "127.0.0.1", port,
+                                            ssl=certs.client(alpn=["http/1.1"]),
+                                            server_hostname=HOST)
+        t.write(b"x")
+        await asyncio.wait_for(p.done, 10)
+        assert t.get_extra_info("ssl_object").selected_alpn_protocol() == "http/1.1"
+        st = server_protos[0].transport
+        assert st.get_extra_info("ssl_object").selected_alpn_protocol() == "http/1.1"
+        await close_both(t, p, server)
+
+    run(main())
+
+
+def test_sni(loop, run, certs):
+    async def main():
+        names = []
+        sctx = certs.server()
+        sctx.sni_callback = lambda sslobj, name, ctx: names.append(name)
+        server = await loop.create_server(lambda: Echo(loop), "127.0.0.1", 0, ssl=sctx)
+        port = server.sockets[0].getsockname()[1]
+        t, p = await loop.create_connection(lambda: Collect(loop, 1), "127.0.0.1", port,
+                                            ssl=certs.client(), server_hostname=HOST)
+        t.write(b"x")
+        await asyncio.wait_for(p.done, 10)
+        assert names == [HOST]
+        await close_both(t, p, server)
+
+    run(main())
+
+
+# ---- start_tls ---------------------------------------------------------------
+
+
+def test_loop_start_tls_both_sides(loop, run, certs):
+    """A plain connection upgraded mid-stream by loop.start_tls() on both ends
+    (STARTTLS: the client asks, the server answers GO and upgrades, the
+    client upgrades once it has the answer)."""
+
+    async def main():
+        upgraded = loop.create_future()
+
+        class PlainServer(asyncio.Protocol):
+            def connection_made(self, transport):
+                self.transport = transport
+
+            def data_received(self, data):
+                assert data == b"STARTTLS\n"
+                self.transport.pause_reading()  # the ClientHello waits for TLS
+                self.transport.write(b"GO\n")
+                loop.create_task(self.upgrade())
+
+            async def upgrade(self):
+                echo = Echo(loop)
+                tls = await loop.start_tls(self.transport, echo, certs.server(),
+                                           server_side=True)
+                echo.connection_made(tls)
+                upgraded.set_result(tls)
+
+        class PlainClient(asyncio.Protocol):
+            def __init__(self):
+                self.go = loop.create_future()
+
+            def data_received(self, data):
+                assert data == b"GO\n"
+                self.go.set_result(None)
+
+        server = await loop.create_server(PlainServer, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        t, plain = await loop.create_connection(PlainClient, "127.0.0.1", port)
+        t.write(b"STARTTLS\n")
+        await asyncio.wait_for(plain.go, 10)
+        collect = Collect(loop)
+        tls = await loop.start_tls(t, collect, certs.client(), server_hostname=HOST)
+        collect.transport = tls
+        await asyncio.wait_for(upgraded, 10)
+        await echo_through(tls, collect)
+        assert tls.get_extra_info("ssl_object") is not None
+        tls.close()
+        await asyncio.wait_for(collect.lost, 10)
+        server.close()
+        await server.wait_closed()
+
+    run(main())
+
+
+def test_stream_writer_start_tls(loop, run, certs):
+    async def main():
+        async def handle(reader, writer):
+            assert await reader.readline() == b"STARTTLS\n"
+            writer.write(b"GO\n")
+            await writer.drain()
+            await writer.start_tls(certs.server())
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"STARTTLS\n")
+        assert await reader.readline() == b"GO\n"
+        await writer.start_tls(certs.client(), server_hostname=HOST)
+        writer.write(PAYLOAD)
+        await writer.drain()
+        assert await reader.readexactly(len(PAYLOAD)) == PAYLOAD
+        assert writer.get_extra_info("ssl_object") is not None
+        writer.close()
+        await writer.wait_closed()
+        server.close()
+        await server.wait_closed()
+
+    run(main())
+
+
+# ---- argument errors, in asyncio's order --------------------------------------
+
+
+def test_argument_errors(loop, run, certs, tmp_path):
+    async def main():
+        cctx = certs.client()
+        with pytest.raises(ValueError, match="server_hostname is only meaningful with ssl"):
+            await loop.create_connection(asyncio.Protocol, "127.0.0.1", 1,
+                                         server_hostname=HOST)
+        with pytest.raises(ValueError, match="ssl_handshake_timeout is only meaningful"):
+            await loop.create_connection(asyncio.Protocol, "127.0.0.1", 1,
+                                         ssl_handshake_timeout=1)
+        with pytest.raises(ValueError, match="ssl_shutdown_timeout is only meaningful"):
+            await loop.create_connection(asyncio.Protocol, "127.0.0.1", 1,
+                                         ssl_shutdown_timeout=1)
+        with pytest.raises(ValueError, match="You must set server_hostname when using ssl"):
+            await loop.create_connection(asyncio.Protocol, sock=socket.socket(), ssl=cctx)
+        with pytest.raises(TypeError, match="ssl argument must be an SSLContext or None"):
+            await loop.create_server(asyncio.Protocol, "127.0.0.1", 0, ssl=True)
+        with pytest.raises(TypeError, match="ssl argument must be an SSLContext or None"):
+            await loop.create_unix_server(asyncio.Protocol, str(tmp_path / "y"), ssl=True)
+        with pytest.raises(ValueError, match="ssl_handshake_timeout is only meaningful"):
+            await loop.create_unix_server(asyncio.Protocol, str(tmp_path / "z"),
+                                          ssl_handshake_timeout=1)
+        r, w = socket.socketpair()
+        try:
+            t, _ = await loop.create_connection(asyncio.Protocol, sock=r)
+            with pytest.raises(TypeError, match="expected to be an instance of ssl.SSLContext"):
+                await loop.start_tls(t, asyncio.Protocol(), object())
+            t.close()
+        finally:
+            w.close()
+
+    run(main())
+
+
+@pytest.mark.uvloop_xfail("uvloop's message is 'You must set server_hostname when using "
+                          "ssl without a host'")
+def test_unix_connection_needs_server_hostname(loop, run, certs, tmp_path):
+    async def main():
+        with pytest.raises(ValueError, match="you have to pass server_hostname when using ssl"):
+            await loop.create_unix_connection(asyncio.Protocol, str(tmp_path / "x"),
+                                              ssl=certs.client())
+
+    run(main())
+
+
+# ---- sendfile, BufferedProtocol, flow control over TLS ------------------------
+
+
+@pytest.mark.uvloop_xfail("uvloop does not implement loop.sendfile() (NotImplementedError)")
+def test_sendfile_falls_back(loop, run, certs, tmp_path):
+    path = tmp_path / "data.bin"
+    path.write_bytes(PAYLOAD)
+
+    async def main():
+        server_protos = []
+
+        def factory():
+            p = Collect(loop)
+            server_protos.append(p)
+            return p
+
+        server = await loop.create_server(factory, "127.0.0.1", 0, ssl=certs.server())
+        port = server.sockets[0].getsockname()[1]
+        t, p = await loop.create_connection(asyncio.Protocol, "127.0.0.1", port,
+                                            ssl=certs.client(), server_hostname=HOST)
+        with open(path, "rb") as f:
+            sent = await loop.sendfile(t, f)
+            assert f.tell() == len(PAYLOAD)
+        assert sent == len(PAYLOAD)
+        assert await asyncio.wait_for(server_protos[0].done, 10) == PAYLOAD
+        t.close()
+        server.close()
+        await server.wait_closed()
+
+    run(main())
+
+
+class BufferedCollect(asyncio.BufferedProtocol):
+    def __init__(self, loop):
+        self.buf = bytearray(1000)
+        self.data = bytearray()
+        self.done = loop.create_future()
+        self.lost = loop.create_future()
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def get_buffer(self, sizehint):
+        # A memoryview: asyncio's SSL protocol fills the rest of the buffer
+        # through a slice of it (a bytearray's slice would be a copy).
+        return memoryview(self.buf)
+
+    def buffer_updated(self, nbytes):
+        self.data += self.buf[:nbytes]
+        if len(self.data) >= len(PAYLOAD) and not self.done.done():
+            self.done.set_result(bytes(self.data))
+
+    def connection_lost(self, exc):
+        if not self.lost.done():
+            self.lost.set_result(exc)
+
+
+def test_buffered_protocol(loop, run, certs):
+    async def main():
+        server = await loop.create_server(lambda: Echo(loop), "127.0.0.1", 0,
+                                          ssl=certs.server())
+        port = server.sockets[0].getsockname()[1]
+        t, p = await loop.create_connection(lambda: BufferedCollect(loop), "127.0.0.1", port,
+                                            ssl=certs.client(), server_hostname=HOST)
+        await echo_through(t, p)
+        await close_both(t, p, server)
+
+    run(main())
+
+
+def test_pause_and_resume_reading(loop, run, certs):
+    """A client that pauses reading: the echo server's writes back up and it is
+    paused in turn; resuming lets everything through, intact."""
+
+    async def main():
+        server = await loop.create_server(lambda: Echo(loop), "127.0.0.1", 0,
+                                          ssl=certs.server())
+        port = server.sockets[0].getsockname()[1]
+        t, p = await loop.create_connection(lambda: Collect(loop), "127.0.0.1", port,
+                                            ssl=certs.client(), server_hostname=HOST)
+        t.pause_reading()
+        assert not t.is_reading()
+        t.write(PAYLOAD)
+        await asyncio.sleep(0.2)
+        assert len(p.data) < len(PAYLOAD)
+        t.resume_reading()
+        assert await asyncio.wait_for(p.done, 10) == PAYLOAD
+        await close_both(t, p, server)
+
+    run(main())
+
+
+# ---- timeouts ----------------------------------------------------------------
+
+
+def test_handshake_timeout(loop, run):
+    """A server that accepts the TCP connection and never answers the
+    ClientHello: the handshake gives up after ssl_handshake_timeout."""
+
+    async def main():
+        lsock = socket.socket()
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen(1)
+        try:
+            t0 = loop.time()
+            with pytest.raises(ConnectionAbortedError, match="SSL handshake is taking longer"):
+                await loop.create_connection(asyncio.Protocol, *lsock.getsockname(),
+                                             ssl=ssl.create_default_context(),
+                                             server_hostname=HOST, ssl_handshake_timeout=0.3)
+            assert loop.time() - t0 < 5
+        finally:
+            lsock.close()
+
+    run(main())
+
+
+def test_shutdown_timeout(loop, run, certs):
+    """A peer that completes the handshake and then never reads: close() sends
+    close_notify, gets no answer, and the connection ends after
+    ssl_shutdown_timeout."""
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(1)
+    handshaken = threading.Event()
+    finished = threading.Event()
+
+    def peer():
+        conn, _ = lsock.accept()
+        with certs.server().wrap_socket(conn, server_side=True) as tls:
+            handshaken.set()
+            finished.wait(15)
+
+    thread = threading.Thread(target=peer, daemon=True)
+    thread.start()
+
+    async def main():
+        p = Collect(loop)
+        t, _ = await loop.create_connection(lambda: p, *lsock.getsockname(),
+                                            ssl=certs.client(), server_hostname=HOST,
+                                            ssl_shutdown_timeout=0.3)
+        assert await loop.run_in_executor(None, handshaken.wait, 5)
+        t0 = loop.time()
+        t.close()
+        await asyncio.wait_for(p.lost, 10)
+        assert loop.time() - t0 < 5
+
+    try:
+        run(main())
+    finally:
+        finished.set()
+        thread.join(5)
+        lsock.close()
