@@ -2,16 +2,20 @@
 and mtloop: every entry point that takes ssl=, start_tls() on the loop and
 on a StreamWriter, asyncio's argument errors, verification failures, ALPN,
 SNI, client certificates, sendfile and BufferedProtocol over TLS, the
-extra info, and the handshake and shutdown timeouts.
+extra info, the handshake and shutdown timeouts, peers that send garbage or
+reset mid-handshake, and load (100 concurrent connections and 32 MiB each
+way; 1,000 and 1 GiB with --stress).
 
 Certificates are made for the session by trustme (a throwaway CA); no key
 is committed.  Servers bind to 127.0.0.1 or a Unix path under tmp_path.
 """
 
 import asyncio
+import hashlib
+import os
 import socket
 import ssl
-import sys
+import struct
 import threading
 
 import pytest
@@ -613,3 +617,194 @@ def test_shutdown_timeout(loop, run, certs):
         finished.set()
         thread.join(5)
         lsock.close()
+
+
+# ---- what the peer does ------------------------------------------------------
+
+
+def _tls_peer_thread(certs, lsock, body):
+    """Accept one connection on `lsock` in a thread, complete the TLS
+    handshake as the server, and run body(tls_socket)."""
+    errors = []
+
+    def main():
+        try:
+            conn, _ = lsock.accept()
+            with certs.server().wrap_socket(conn, server_side=True) as tls:
+                body(tls)
+        except Exception as exc:  # reported by the test
+            errors.append(exc)
+
+    thread = threading.Thread(target=main, daemon=True)
+    thread.start()
+    return thread, errors
+
+
+def test_getpeercert_as_the_ssl_module_gives_it(loop, run, certs):
+    """The peer certificate, as a dict and in binary form, is what a plain
+    ssl.SSLSocket gets from the same server."""
+    expected = {}
+
+    async def main():
+        server = await loop.create_server(lambda: Echo(loop), "127.0.0.1", 0,
+                                          ssl=certs.server())
+        port = server.sockets[0].getsockname()[1]
+
+        def blocking_client():
+            with socket.create_connection(("127.0.0.1", port)) as raw:
+                with certs.client().wrap_socket(raw, server_hostname=HOST) as tls:
+                    expected["dict"] = tls.getpeercert()
+                    expected["der"] = tls.getpeercert(binary_form=True)
+
+        await loop.run_in_executor(None, blocking_client)
+        t, p = await loop.create_connection(lambda: Collect(loop), "127.0.0.1", port,
+                                            ssl=certs.client(), server_hostname=HOST)
+        assert t.get_extra_info("peercert") == expected["dict"]
+        assert t.get_extra_info("ssl_object").getpeercert(binary_form=True) == expected["der"]
+        await close_both(t, p, server)
+
+    run(main())
+
+
+def test_peer_sends_garbage_mid_stream(loop, run, certs):
+    """After some application data the peer writes bytes that are no TLS
+    record: the data before them arrives, then the connection is lost with
+    an SSL error."""
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(1)
+
+    def body(tls):
+        tls.sendall(b"hello")
+        tls.recv(1)  # the client has the hello (a bad record in the same read
+        # would make the SSL protocol drop the data read with it)
+        # A record header announcing application data, then noise.
+        socket.socket(fileno=os.dup(tls.fileno())).sendall(b"\x17\x03\x03\x00\x20" + b"!" * 32)
+        try:
+            tls.recv(1)  # until the client goes
+        except OSError:
+            pass
+
+    thread, errors = _tls_peer_thread(certs, lsock, body)
+
+    async def main():
+        p = Collect(loop, 5)
+        t, _ = await loop.create_connection(lambda: p, *lsock.getsockname(),
+                                            ssl=certs.client(), server_hostname=HOST)
+        assert await asyncio.wait_for(p.done, 10) == b"hello"
+        t.write(b"!")
+        exc = await asyncio.wait_for(p.lost, 10)
+        assert isinstance(exc, ssl.SSLError), exc
+        assert not errors, errors
+
+    try:
+        run(main())
+    finally:
+        thread.join(5)
+        lsock.close()
+
+
+def test_peer_resets_mid_handshake(loop, run):
+    """The server reads the ClientHello and resets the connection: the
+    connect fails with a connection error (no hang, no half-made transport)."""
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(1)
+
+    def server():
+        conn, _ = lsock.accept()
+        conn.recv(1024)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+
+    thread = threading.Thread(target=server, daemon=True)
+    thread.start()
+
+    async def main():
+        with pytest.raises((ConnectionError, ssl.SSLError)):
+            await loop.create_connection(asyncio.Protocol, *lsock.getsockname(),
+                                         ssl=ssl.create_default_context(),
+                                         server_hostname=HOST)
+
+    try:
+        run(main())
+    finally:
+        thread.join(5)
+        lsock.close()
+
+
+# ---- load --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [
+    100, pytest.param(1000, marks=pytest.mark.stress)])
+def test_many_concurrent_connections(loop, run, certs, n):
+    """n TLS connections open at once, each echoing its own checked data."""
+
+    async def main():
+        server = await loop.create_server(lambda: Echo(loop), "127.0.0.1", 0,
+                                          ssl=certs.server(), backlog=n)
+        port = server.sockets[0].getsockname()[1]
+        cctx = certs.client()
+
+        async def one(i):
+            data = pattern(4096 + i, seed=b"conn%d" % i)
+            p = Collect(loop, len(data))
+            t, _ = await loop.create_connection(lambda: p, "127.0.0.1", port, ssl=cctx,
+                                                server_hostname=HOST)
+            t.write(data)
+            assert await asyncio.wait_for(p.done, 30) == data
+            return t, p
+
+        pairs = await asyncio.gather(*(one(i) for i in range(n)))
+        for t, p in pairs:
+            t.close()
+        await asyncio.gather(*(asyncio.wait_for(p.lost, 30) for _, p in pairs))
+        server.close()
+        await server.wait_closed()
+
+    run(main(), timeout=120)
+
+
+@pytest.mark.parametrize("size", [
+    32 * 1024 * 1024, pytest.param(1024 * 1024 * 1024, marks=pytest.mark.stress)])
+def test_large_transfer_each_way(loop, run, certs, size):
+    """size bytes each way through a TLS echo, checked by digest."""
+
+    async def main():
+        async def handle(reader, writer):
+            while data := await reader.read(256 * 1024):
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=certs.server())
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=certs.client(),
+                                                       server_hostname=HOST)
+        block = pattern(1024 * 1024)
+        sent, got = hashlib.sha256(), hashlib.sha256()
+
+        async def send():
+            for i in range(size // len(block)):
+                chunk = block[i % 7:] + block[:i % 7]
+                sent.update(chunk)
+                writer.write(chunk)
+                await writer.drain()
+
+        async def receive():
+            n = 0
+            while n < size:
+                data = await reader.read(1024 * 1024)
+                assert data, "EOF before all the data came back"
+                got.update(data)
+                n += len(data)
+
+        await asyncio.gather(send(), receive())
+        assert got.digest() == sent.digest()
+        writer.close()
+        await writer.wait_closed()
+        server.close()
+        await server.wait_closed()
+
+    run(main(), timeout=600 if size > 100 * 1024 * 1024 else 60)
