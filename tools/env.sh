@@ -2,6 +2,7 @@
 #
 # mt_setup_system   installs the Debian packages the build needs (once)
 # mt_pythons        prints the interpreters of each supported Python found
+# mt_venv_has_packages V / mt_venv_install_packages V: the Python packages in venv V
 # mt_venv PY        creates/refreshes .venv-X.Y for PY and builds mtloop in it;
 #                   prints the venv's directory on stdout (logs go to stderr)
 # Every step is idempotent: rerunning costs only the checks.
@@ -49,6 +50,18 @@ mt_pythons() {
   done
 }
 
+# Whether the venv V has every package of MT_PY_PACKAGES; installs them.
+mt_venv_has_packages() {
+  "$1/bin/python" -c 'import scikit_build_core, pytest, uvloop, trustme, ninja, cmake, matplotlib' \
+    >/dev/null 2>&1
+}
+
+mt_venv_install_packages() {
+  mt_log "installing Python packages into $1"
+  "$1/bin/python" -m pip install -q --upgrade pip >&2
+  "$1/bin/python" -m pip install -q $MT_PY_PACKAGES >&2
+}
+
 mt_venv() {
   local py=$1 ver venv
   ver=$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
@@ -57,10 +70,8 @@ mt_venv() {
     mt_log "creating $venv"
     "$py" -m venv "$venv" >&2
   fi
-  if ! "$venv/bin/python" -c 'import scikit_build_core, pytest, uvloop, trustme, ninja, cmake, matplotlib' >/dev/null 2>&1; then
-    mt_log "installing Python packages into $venv"
-    "$venv/bin/python" -m pip install -q --upgrade pip >&2
-    "$venv/bin/python" -m pip install -q $MT_PY_PACKAGES >&2
+  if ! mt_venv_has_packages "$venv"; then
+    mt_venv_install_packages "$venv"
     # rloop is a benchmark reference only: used when it installs.
     "$venv/bin/python" -m pip install -q rloop >&2 ||
       mt_log "rloop did not install for Python $ver; the benchmark leaves it out"

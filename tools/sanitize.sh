@@ -22,11 +22,8 @@ mt_setup_system
 py=$(mt_pythons | sed -n 1p)
 [ -n "$py" ] || { mt_log "no supported Python (3.11-3.13) found"; exit 1; }
 venv="$MT_ROOT/build/venv-$kind"
-if [ ! -x "$venv/bin/python" ]; then
-  "$py" -m venv "$venv" >&2
-  "$venv/bin/python" -m pip install -q --upgrade pip >&2
-  "$venv/bin/python" -m pip install -q $MT_PY_PACKAGES >&2
-fi
+[ -x "$venv/bin/python" ] || "$py" -m venv "$venv" >&2
+mt_venv_has_packages "$venv" || mt_venv_install_packages "$venv"
 mt_log "building mtloop with MTLOOP_SANITIZE=$kind"
 "$venv/bin/python" -m pip install -q --no-build-isolation . \
   -Ccmake.define.MTLOOP_SANITIZE="$kind" -Cbuild-dir="build/$kind-ext" >&2
