@@ -105,6 +105,19 @@ class Collect(asyncio.Protocol):
             self.lost.set_result(exc)
 
 
+async def tls_server(loop, sslctx, protocol=None, backlog=100):
+    """A TLS server on 127.0.0.1: (server, port, the protocols it made)."""
+    protocol = protocol or Echo
+    made = []
+
+    def factory():
+        made.append(protocol(loop))
+        return made[-1]
+
+    server = await loop.create_server(factory, "127.0.0.1", 0, ssl=sslctx, backlog=backlog)
+    return server, server.sockets[0].getsockname()[1], made
+
+
 async def echo_through(transport, proto):
     transport.write(PAYLOAD)
     got = await asyncio.wait_for(proto.done, 10)
@@ -125,15 +138,7 @@ async def close_both(client_transport, client_proto, server=None):
 def test_tcp_client_and_server(loop, run, certs):
     async def main():
         sctx, cctx = certs.server(), certs.client()
-        server_protos = []
-
-        def factory():
-            p = Echo(loop)
-            server_protos.append(p)
-            return p
-
-        server = await loop.create_server(factory, "127.0.0.1", 0, ssl=sctx)
-        port = server.sockets[0].getsockname()[1]
+        server, port, server_protos = await tls_server(loop, sctx)
         t, p = await loop.create_connection(lambda: Collect(loop), "127.0.0.1", port,
                                             ssl=cctx, server_hostname=HOST)
         await echo_through(t, p)
@@ -225,9 +230,7 @@ def test_ssl_true_verifies_against_the_system_store(loop, run, certs):
     """ssl=True: a default client context, which does not know the test CA."""
 
     async def main():
-        server = await loop.create_server(lambda: Echo(loop), "127.0.0.1", 0,
-                                          ssl=certs.server())
-        port = server.sockets[0].getsockname()[1]
+        server, port, _ = await tls_server(loop, certs.server())
         with pytest.raises(ssl.SSLCertVerificationError):
             await loop.create_connection(asyncio.Protocol, "127.0.0.1", port, ssl=True,
                                          server_hostname=HOST)
@@ -243,9 +246,7 @@ def test_ssl_true_verifies_against_the_system_store(loop, run, certs):
 @pytest.mark.parametrize("case", ["untrusted", "wrong-hostname"])
 def test_verification_failure(loop, run, certs, case):
     async def main():
-        server = await loop.create_server(lambda: Echo(loop), "127.0.0.1", 0,
-                                          ssl=certs.server())
-        port = server.sockets[0].getsockname()[1]
+        server, port, _ = await tls_server(loop, certs.server())
         cctx = certs.client(trust=case != "untrusted")
         hostname = "other.example" if case == "wrong-hostname" else HOST
         with pytest.raises(ssl.SSLCertVerificationError):
@@ -259,16 +260,8 @@ def test_verification_failure(loop, run, certs, case):
 
 def test_client_certificates(loop, run, certs):
     async def main():
-        server_protos = []
-
-        def factory():
-            p = Echo(loop)
-            server_protos.append(p)
-            return p
-
-        server = await loop.create_server(factory, "127.0.0.1", 0,
-                                          ssl=certs.server(require_client_cert=True))
-        port = server.sockets[0].getsockname()[1]
+        server, port, server_protos = await tls_server(
+            loop, certs.server(require_client_cert=True))
         t, p = await loop.create_connection(lambda: Collect(loop), "127.0.0.1", port,
                                             ssl=certs.client(cert=True), server_hostname=HOST)
         await echo_through(t, p)
@@ -293,16 +286,8 @@ def test_client_certificates(loop, run, certs):
 
 def test_alpn(loop, run, certs):
     async def main():
-        server_protos = []
-
-        def factory():
-            p = Echo(loop)
-            server_protos.append(p)
-            return p
-
-        server = await loop.create_server(factory, "127.0.0.1", 0,
-                                          ssl=certs.server(alpn=["h2", "http/1.1"]))
-        port = server.sockets[0].getsockname()[1]
+        server, port, server_protos = await tls_server(
+            loop, certs.server(alpn=["h2", "http/1.1"]))
         t, p = await loop.create_connection(lambda: Collect(loop, 1), "127.0.0.1", port,
                                             ssl=certs.client(alpn=["http/1.1"]),
                                             server_hostname=HOST)
@@ -321,8 +306,7 @@ def test_sni(loop, run, certs):
         names = []
         sctx = certs.server()
         sctx.sni_callback = lambda sslobj, name, ctx: names.append(name)
-        server = await loop.create_server(lambda: Echo(loop), "127.0.0.1", 0, ssl=sctx)
-        port = server.sockets[0].getsockname()[1]
+        server, port, _ = await tls_server(loop, sctx)
         t, p = await loop.create_connection(lambda: Collect(loop, 1), "127.0.0.1", port,
                                             ssl=certs.client(), server_hostname=HOST)
         t.write(b"x")
@@ -474,15 +458,7 @@ def test_sendfile_falls_back(loop, run, certs, tmp_path):
     path.write_bytes(PAYLOAD)
 
     async def main():
-        server_protos = []
-
-        def factory():
-            p = Collect(loop)
-            server_protos.append(p)
-            return p
-
-        server = await loop.create_server(factory, "127.0.0.1", 0, ssl=certs.server())
-        port = server.sockets[0].getsockname()[1]
+        server, port, server_protos = await tls_server(loop, certs.server(), Collect)
         t, p = await loop.create_connection(asyncio.Protocol, "127.0.0.1", port,
                                             ssl=certs.client(), server_hostname=HOST)
         with open(path, "rb") as f:
@@ -524,9 +500,7 @@ class BufferedCollect(asyncio.BufferedProtocol):
 
 def test_buffered_protocol(loop, run, certs):
     async def main():
-        server = await loop.create_server(lambda: Echo(loop), "127.0.0.1", 0,
-                                          ssl=certs.server())
-        port = server.sockets[0].getsockname()[1]
+        server, port, _ = await tls_server(loop, certs.server())
         t, p = await loop.create_connection(lambda: BufferedCollect(loop), "127.0.0.1", port,
                                             ssl=certs.client(), server_hostname=HOST)
         await echo_through(t, p)
@@ -540,9 +514,7 @@ def test_pause_and_resume_reading(loop, run, certs):
     paused in turn; resuming lets everything through, intact."""
 
     async def main():
-        server = await loop.create_server(lambda: Echo(loop), "127.0.0.1", 0,
-                                          ssl=certs.server())
-        port = server.sockets[0].getsockname()[1]
+        server, port, _ = await tls_server(loop, certs.server())
         t, p = await loop.create_connection(lambda: Collect(loop), "127.0.0.1", port,
                                             ssl=certs.client(), server_hostname=HOST)
         t.pause_reading()
@@ -646,9 +618,7 @@ def test_getpeercert_as_the_ssl_module_gives_it(loop, run, certs):
     expected = {}
 
     async def main():
-        server = await loop.create_server(lambda: Echo(loop), "127.0.0.1", 0,
-                                          ssl=certs.server())
-        port = server.sockets[0].getsockname()[1]
+        server, port, _ = await tls_server(loop, certs.server())
 
         def blocking_client():
             with socket.create_connection(("127.0.0.1", port)) as raw:
@@ -742,9 +712,7 @@ def test_many_concurrent_connections(loop, run, certs, n):
     """n TLS connections open at once, each echoing its own checked data."""
 
     async def main():
-        server = await loop.create_server(lambda: Echo(loop), "127.0.0.1", 0,
-                                          ssl=certs.server(), backlog=n)
-        port = server.sockets[0].getsockname()[1]
+        server, port, _ = await tls_server(loop, certs.server(), backlog=n)
         cctx = certs.client()
 
         async def one(i):
