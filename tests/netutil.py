@@ -24,6 +24,9 @@ HAS_IPV6 = _ipv6_loopback_available()
 ENDPOINTS = ("tcp-client", "tcp-server", "unix-client", "unix-server")
 
 BIG = 16 * 1024 * 1024  # more than the kernel buffers of a loopback pair hold
+# ... once the peer's receive buffer is fixed: with autotuning (tcp_rmem's
+# maximum is 32 MiB on some machines) a loopback pair can absorb all of BIG.
+PEER_RCVBUF = 1024 * 1024
 
 
 def pattern(n, seed=b"mtloop"):
@@ -136,6 +139,7 @@ class Endpoint:
         if self.kind.endswith("client"):
             lsock = socket.socket(self.family, socket.SOCK_STREAM)
             self._listener = lsock
+            lsock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, PEER_RCVBUF)  # inherited
             lsock.bind(("127.0.0.1", 0) if self.family == socket.AF_INET else path)
             lsock.listen(8)
             lsock.setblocking(False)
@@ -163,6 +167,7 @@ class Endpoint:
                 self.server = await loop.create_unix_server(factory, path)
                 addr = path
             self.peer = socket.socket(self.family, socket.SOCK_STREAM)
+            self.peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, PEER_RCVBUF)
             self.peer.setblocking(False)
             await loop.sock_connect(self.peer, addr)
             p = await made
