@@ -11,25 +11,31 @@ import asyncio
 import atexit
 from typing import Any, Coroutine, TypeVar
 
-from . import _mtloop
+from . import _mtloop, _tls
 from ._loop import Loop
 from ._mtloop import libevent_version
 
 __all__ = ["Loop", "EventLoopPolicy", "new_event_loop", "run", "runtime_stats",
-           "shutdown_runtime", "default_io_threads", "libevent_version"]
+           "tls_stats", "shutdown_runtime", "default_io_threads", "libevent_version"]
 __version__ = "0.1.0"
 
 _T = TypeVar("_T")
 
 
-def new_event_loop(*, io_threads: int | None = None) -> Loop:
+def new_event_loop(*, io_threads: int | None = None, native_tls: bool = True) -> Loop:
     """Return a new mtloop event loop.
 
     ``io_threads`` is how many of the process's I/O threads the loop
     spreads its connections over (the pool grows to at least that many);
     by default $MTLOOP_IO_THREADS, or the number of CPUs the process may
-    run on (its affinity mask) less one (at least 1, at most 8)."""
-    return Loop(io_threads=io_threads)
+    run on (its affinity mask) less one (at least 1, at most 8).
+
+    ``native_tls``: TLS connections run their handshake and record crypto
+    on the I/O threads wherever the SSLContext allows it (see
+    ``tls_stats()``); False runs asyncio's own SSL protocol on the loop
+    thread for every connection of this loop ($MTLOOP_NATIVE_TLS=0 does so
+    for the whole process)."""
+    return Loop(io_threads=io_threads, native_tls=native_tls)
 
 
 def runtime_stats() -> list[dict[str, int]]:
@@ -41,6 +47,15 @@ def runtime_stats() -> list[dict[str, int]]:
     woke the thread) and ``wakeups_received``.  Empty before the pool
     starts and after it stops."""
     return _mtloop.runtime_stats()
+
+
+def tls_stats() -> dict[str, Any]:
+    """How this process's TLS connections ran: ``native`` (on the I/O
+    threads) and ``fallback`` (asyncio's SSL protocol on the loop thread)
+    counts, ``fallback_reasons`` (reason -> count), ``available`` and
+    ``unavailable_reason`` (whether the native path could be proved here:
+    the ssl module and mtloop must share one libssl)."""
+    return _tls.stats()
 
 
 def shutdown_runtime() -> None:

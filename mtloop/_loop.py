@@ -27,7 +27,10 @@ class Loop(_mtloop.LoopCore, SignalMethods, SocketMethods, StreamMethods, UnixSo
     (run_until_complete, tasks, exception handling, executors, address
     resolution)."""
 
-    def __init__(self, *, io_threads: int | None = None) -> None:
+    def __init__(self, *, io_threads: int | None = None, native_tls: bool = True) -> None:
+        # Whether TLS may run on the I/O threads (mtloop._tls); False takes
+        # asyncio's SSL protocol for every connection of this loop.
+        self._mt_native_tls = bool(native_tls)
         if io_threads is not None:
             try:
                 if not isinstance(io_threads, int) or isinstance(io_threads, bool):

@@ -5,8 +5,9 @@ asyncio.BaseEventLoop already implements create_connection, create_server,
 connect_accepted_socket, start_tls and sendfile on top of a few hooks
 (_make_socket_transport, _make_ssl_transport, _start_serving, _stop_serving,
 _sendfile_native); this mixin provides those hooks with mtloop's transports
-and listeners.  TLS runs asyncio's own SSL protocol (asyncio.sslproto) over
-an mtloop transport, on the loop thread, exactly as on the stock loop.
+and listeners.  TLS runs natively on the I/O threads where the context
+allows it (mtloop._tls), else asyncio's own SSL protocol (asyncio.sslproto)
+over an mtloop transport, on the loop thread, exactly as on the stock loop.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import socket
 from asyncio import constants, exceptions, sslproto, trsock
 from typing import Any, Callable
 
-from . import _mtloop
+from . import _mtloop, _tls
 from ._transports import SocketTransport
 
 __all__ = ["StreamMethods"]
@@ -40,6 +41,14 @@ class StreamMethods:
             extra: dict | None = None, server: Any = None,
             ssl_handshake_timeout: float | None = constants.SSL_HANDSHAKE_TIMEOUT,
             ssl_shutdown_timeout: float | None = constants.SSL_SHUTDOWN_TIMEOUT) -> Any:
+        reason = _tls.fallback_reason(self, sslcontext)
+        _tls.count(reason)
+        if reason is None:
+            session = _tls.new_session(sslcontext, server_side, server_hostname)
+            return _tls.NativeSSLTransport(self, rawsock, protocol, sslcontext, waiter, server_side,
+                                     None if server_side else server_hostname or None,
+                                     extra, server, ssl_handshake_timeout,
+                                     ssl_shutdown_timeout, session=session)
         ssl_protocol = sslproto.SSLProtocol(
             self, protocol, sslcontext, waiter, server_side, server_hostname,
             ssl_handshake_timeout=ssl_handshake_timeout,
@@ -132,13 +141,26 @@ class StreamMethods:
         try:
             protocol = self._mt_accepted_protocol(protocol_factory, fd)
             waiter = self.create_future()
-            ssl_protocol = sslproto.SSLProtocol(
-                self, protocol, sslcontext, waiter, True, None,
-                ssl_handshake_timeout=ssl_handshake_timeout,
-                ssl_shutdown_timeout=ssl_shutdown_timeout)
-            SocketTransport(self, None, ssl_protocol, extra=extra, server=server, fd=fd,
-                            sockinfo=sockinfo)
-            transport = ssl_protocol._app_transport
+            reason = _tls.fallback_reason(self, sslcontext)
+            _tls.count(reason)
+            if reason is None:
+                try:
+                    session = _tls.new_session(sslcontext, True, None)
+                except BaseException:
+                    os.close(fd)
+                    raise
+                transport = _tls.NativeSSLTransport(
+                    self, None, protocol, sslcontext, waiter, True, None, extra, server,
+                    ssl_handshake_timeout, ssl_shutdown_timeout, session=session, fd=fd,
+                    sockinfo=sockinfo)
+            else:
+                ssl_protocol = sslproto.SSLProtocol(
+                    self, protocol, sslcontext, waiter, True, None,
+                    ssl_handshake_timeout=ssl_handshake_timeout,
+                    ssl_shutdown_timeout=ssl_shutdown_timeout)
+                SocketTransport(self, None, ssl_protocol, extra=extra, server=server, fd=fd,
+                                sockinfo=sockinfo)
+                transport = ssl_protocol._app_transport
             try:
                 await waiter
             except BaseException:

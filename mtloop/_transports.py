@@ -62,11 +62,15 @@ class FlowTransport(transports._FlowControlMixin, transports.Transport):
     _low_water = _core_flag("low_water", "Low-water mark of the write buffer.")
 
     def _mt_open(self, loop: Any, fd: int, protocol: Any, dup: bool,
-                 extra: dict | None) -> None:
+                 extra: dict | None, tls: Any = None) -> None:
         """Makes the C core (from here on the record owns `fd`, or a copy
-        of it when `dup`) and the asyncio base."""
+        of it when `dup`) and the asyncio base.  `tls`: a session from
+        mtloop._tls.new_session() makes the flow a native TLS one."""
         self._lost_scheduled = False
-        self._core = _mtloop.StreamCore(loop, fd, self, protocol, dup)
+        if tls is None:
+            self._core = _mtloop.StreamCore(loop, fd, self, protocol, dup)
+        else:
+            self._core = _mtloop.StreamCore(loop, fd, self, protocol, dup, tls)
         super().__init__(extra, loop)
 
     def _mt_undo(self) -> None:
@@ -191,6 +195,10 @@ class FlowTransport(transports._FlowControlMixin, transports.Transport):
         except BaseException as exc:
             self._fatal_error(exc, "Fatal error: protocol.eof_received() call failed.")
             return
+        self._mt_after_eof(keep_open)
+
+    def _mt_after_eof(self, keep_open: Any) -> None:
+        """eof_received() returned `keep_open`."""
         if not keep_open:
             self.close()
 
@@ -223,12 +231,16 @@ class FlowTransport(transports._FlowControlMixin, transports.Transport):
         try:
             protocol = self._core.protocol
             if protocol is not None:
-                protocol.connection_lost(exc)
+                self._mt_notify_lost(protocol, exc)
         finally:
             self._mt_lost()
             self._core.set_protocol(None)
             self._core.release()
             self._loop = None
+
+    def _mt_notify_lost(self, protocol: Any, exc: BaseException | None) -> None:
+        """Tells the protocol that the connection is over."""
+        protocol.connection_lost(exc)
 
     def _mt_lost(self) -> None:
         """The connection is over: let go of what the kind holds."""
@@ -250,19 +262,20 @@ class SocketTransport(_mtloop.StreamWriteMethods, FlowTransport):
 
     def __init__(self, loop: Any, sock: socket.socket | None, protocol: Any,
                  waiter: Any = None, extra: dict | None = None, server: Any = None, *,
-                 fd: int = -1, sockinfo: tuple[int, int, int] | None = None) -> None:
+                 fd: int = -1, sockinfo: tuple[int, int, int] | None = None,
+                 tls: Any = None) -> None:
         """Around `sock` (the transport uses a copy of its descriptor and
         closes `sock` when the connection is lost), or around an accepted
         `fd` of the family, type and proto in `sockinfo`, which it takes
-        over even when it raises."""
+        over even when it raises.  `tls`: see FlowTransport._mt_open()."""
         self._sock = None
         self._server = None
         self._sockinfo = sockinfo
         if sock is not None:
-            self._mt_open(loop, sock.fileno(), protocol, True, extra)
+            self._mt_open(loop, sock.fileno(), protocol, True, extra, tls)
         else:
             try:
-                self._mt_open(loop, fd, protocol, False, extra)
+                self._mt_open(loop, fd, protocol, False, extra, tls)
             except BaseException:
                 os.close(fd)  # the fd was handed over: nobody else closes it
                 raise

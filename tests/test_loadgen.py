@@ -1,6 +1,6 @@
 """tools/loadgen.c (mtloop-loadgen): built with CMake, run against small
-threaded Python echo servers (TCP and Unix socket), a corrupting one and a
-closing one.  Not parametrized over event loops: the servers here are plain
+threaded Python echo servers (TCP, Unix socket and TLS), a corrupting one
+and a closing one.  Not parametrized over event loops: the servers here are plain
 threads, the subject is the C load generator itself."""
 
 import json
@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import socketserver
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -133,6 +134,39 @@ def tcp_server():
         _stop(server, thread)
 
 
+class TLSServer(TCPServer):
+    """The echo server over TLS; counts the connections it accepted."""
+
+    def __init__(self, addr, handler, context):
+        super().__init__(addr, handler)
+        self.context = context
+        self.accepted = 0
+
+    def get_request(self):
+        sock, addr = super().get_request()
+        self.accepted += 1
+        return self.context.wrap_socket(sock, server_side=True), addr
+
+
+@pytest.fixture
+def tls_server():
+    """A factory: tls_server() -> the running TLS echo server."""
+    trustme = pytest.importorskip("trustme")
+    cert = trustme.CA().issue_cert("localhost")
+    started = []
+
+    def start():
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        cert.configure_cert(ctx)
+        server = TLSServer(("127.0.0.1", 0), EchoHandler, ctx)
+        started.append((server, _serve(server)))
+        return server
+
+    yield start
+    for server, thread in started:
+        _stop(server, thread)
+
+
 @pytest.fixture
 def unix_server():
     """Path of a threaded Unix-socket echo server."""
@@ -161,7 +195,8 @@ def check_ok(proc, res, connections, size, pipeline):
 
 
 EXPECTED_KEYS = {"requests", "seconds", "rps", "mib_s", "errors", "connections", "size",
-                 "pipeline", "p50_us", "p90_us", "p99_us", "p999_us", "max_us", "mean_us"}
+                 "pipeline", "p50_us", "p90_us", "p99_us", "p999_us", "max_us", "mean_us",
+                 "tls", "reconnects"}
 
 
 # --------------------------------------------------------------------------
@@ -316,6 +351,34 @@ def test_connection_refused(loadgen):
     assert res["connections"] == 0
 
 
+def test_tls_echo(loadgen, tls_server):
+    server = tls_server()
+    proc, res = run_json(loadgen, "--port", server.server_address[1], "--tls", "-c", 3,
+                         "-s", 40000, "-n", 60)
+    check_ok(proc, res, 3, 40000, 1)
+    assert res["tls"] is True and res["requests"] == 60 and res["reconnects"] == 0
+    assert server.accepted == 3
+
+
+def test_tls_reconnect_makes_a_connection_per_request(loadgen, tls_server):
+    server = tls_server()
+    proc, res = run_json(loadgen, "--port", server.server_address[1], "--tls", "--reconnect",
+                         "-c", 2, "-s", 30000, "-n", 20)
+    check_ok(proc, res, 2, 30000, 1)
+    assert res["requests"] == 20
+    # Each request but the last of each connection was followed by a new one.
+    assert res["reconnects"] >= 18
+    assert server.accepted >= 20
+
+
+def test_tls_against_a_plain_server_fails(loadgen, tcp_server):
+    port = tcp_server()
+    proc = run_loadgen(loadgen, "--port", port, "--tls", "-c", 1, "-n", 1,
+                       "--connect-timeout", 2)
+    assert proc.returncode == 1
+    assert "TLS handshake" in proc.stderr or "connect" in proc.stderr
+
+
 @pytest.mark.parametrize("args", [
     [],                                         # no --port nor --unix
     ["--port", "0"],
@@ -330,6 +393,8 @@ def test_connection_refused(loadgen):
     ["--port", "1", "--bogus"],
     ["--port", "1", "extra"],
     ["--port", "1", "--unix", "/tmp/x.sock"],
+    ["--port", "1", "--tls-reuse"],
+    ["--port", "1", "--reconnect", "-p", "2"],
 ], ids=lambda a: " ".join(a) or "no-args")
 def test_bad_usage(loadgen, args):
     proc = run_loadgen(loadgen, *args)

@@ -5,6 +5,7 @@
     python tools/bench.py --smoke         # seconds: checks that it all runs
     python tools/bench.py --targets       # the scenarios issue #4 sets targets for
     python tools/bench.py --scaling       # mtloop with 1, 2, 4, 8 I/O threads (many cores)
+    python tools/bench.py --tls           # TLS echo and handshakes (issue #10)
     python tools/bench.py --baseline 88cf932   # the working tree against a commit, one run
 
 For each scenario, each loop's echo server (tools/bench_server.py, one
@@ -24,6 +25,11 @@ modes twice apart (17-30 page faults per request in the slow one), for
 asyncio and uvloop as much as for mtloop; and asyncio's 256 KiB recv()
 buffers were mmap()ed afresh per read until its first connection closed.
 --malloc-default leaves glibc's defaults.
+
+TLS scenarios (--tls) give every server the same certificate, made for the
+run by trustme, and the load generator speaks TLS without verifying it and
+without resuming sessions; the handshake scenario makes a connection per
+request.
 
 A loop named mtloop:N runs mtloop with N I/O threads.  --clients K splits
 the connections over K load generators pinned to the last K CPUs (requests
@@ -81,6 +87,8 @@ class Scenario:
     pipeline: int = 1
     work_us: float = 0.0
     idle: bool = False
+    tls: bool = False
+    reconnect: bool = False     # a connection (a TLS handshake) per request
 
 
 QUICK = [
@@ -109,6 +117,12 @@ TARGETS = [
 SCALING = [
     Scenario("protocol 1KiB x256", connections=256),
     Scenario("protocol 10KiB x256", size=10 * 1024, connections=256),
+]
+TLS = [
+    Scenario("tls 1KiB x32", tls=True),
+    Scenario("tls 64KiB x16", size=64 * 1024, connections=16, tls=True),
+    Scenario("tls streams 1KiB x32", mode="streams", tls=True),
+    Scenario("tls handshakes x8", connections=8, tls=True, reconnect=True),
 ]
 SMOKE = [Scenario("protocol 1KiB x4", connections=4),
          Scenario("idle x50", connections=50, idle=True)]
@@ -300,8 +314,20 @@ def status_kib(pid: int, key: str) -> int:
     return 0
 
 
+def make_certificate(directory: Path) -> tuple[Path, Path]:
+    """A throwaway certificate for localhost: (certificate chain, key) files."""
+    import trustme
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    chain, key = directory / "cert.pem", directory / "key.pem"
+    cert.cert_chain_pems[0].write_to_path(str(chain))
+    cert.private_key_pem.write_to_path(str(key))
+    return chain, key
+
+
 class Server:
     env: dict[str, str] = {}          # set by main(): extra environment for every server
+    tls_files: tuple[Path, Path] | None = None  # set by main() for TLS scenarios
     cpus: set[int] | None = None      # set by main(): the server's CPU affinity
     baselines: dict[str, Path] = {}   # set by main(): short sha -> the baseline's site dir
 
@@ -309,6 +335,9 @@ class Server:
         module, rev, io_threads = parse_loop(loop)
         cmd = [sys.executable, str(SERVER), "--loop", module, "--mode", sc.mode,
                "--size", str(sc.size), "--work-us", str(sc.work_us)]
+        if sc.tls:
+            assert Server.tls_files is not None
+            cmd += ["--tls-cert", str(Server.tls_files[0]), "--tls-key", str(Server.tls_files[1])]
         env = {**os.environ, **Server.env}
         site = Server.baselines[rev] if rev else None
         if site is not None:
@@ -361,6 +390,10 @@ def loadgen(binary: Path, port: int, sc: Scenario, seconds: float,
                "-p", str(sc.pipeline), "-d", str(seconds), "--json"]
         if cpu is not None:
             cmd += ["--cpu", str(cpu)]
+        if sc.tls:
+            cmd.append("--tls")
+        if sc.reconnect:
+            cmd.append("--reconnect")
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True))
     reports = []
@@ -584,6 +617,8 @@ def main() -> int:
     group.add_argument("--smoke", action="store_true", help="a few seconds, to see it runs")
     group.add_argument("--targets", action="store_true",
                        help="the scenarios issue #4 sets targets for")
+    group.add_argument("--tls", action="store_true",
+                       help="TLS echo and handshake scenarios (issue #10)")
     group.add_argument("--scaling", action="store_true",
                        help="mtloop with 1, 2, 4 and 8 I/O threads beside asyncio and uvloop "
                             "(for a machine with many cores; use with --clients)")
@@ -630,7 +665,8 @@ def main() -> int:
     if args.server_cpus:
         Server.cpus = parse_cpus(args.server_cpus)
     scenarios = (FULL if args.full else SMOKE if args.smoke else
-                 SCALING if args.scaling else TARGETS if args.targets else QUICK)
+                 SCALING if args.scaling else TARGETS if args.targets else
+                 TLS if args.tls else QUICK)
     if args.pattern:
         scenarios = [s for s in scenarios if args.pattern in s.name]
     repeat = args.repeat or (1 if args.smoke else 5)
@@ -647,6 +683,10 @@ def main() -> int:
         log(f"bench: mtloop@{baseline.short} imports {baseline.mtloop_file}")
     raise_fd_limit()
     binary = build_loadgen(args.loadgen)
+    certdir = None
+    if any(sc.tls for sc in scenarios):
+        certdir = tempfile.TemporaryDirectory(prefix="mtloop-bench-")
+        Server.tls_files = make_certificate(Path(certdir.name))
     ncpu = os.cpu_count() or 1
     nclients = max(1, args.clients)
     client_cpus: list[int | None] = ([ncpu - nclients + i for i in range(nclients)]

@@ -2,6 +2,7 @@
 
     python tools/bench_server.py --loop mtloop --mode protocol [--size 1024]
                                  [--work-us 0] [--unix PATH]
+                                 [--tls-cert CHAIN --tls-key KEY]
 
 Loops: asyncio (the stock loop), uvloop, rloop, mtloop.  Modes: protocol
 (asyncio.Protocol), buffered (asyncio.BufferedProtocol), streams
@@ -9,6 +10,7 @@ Loops: asyncio (the stock loop), uvloop, rloop, mtloop.  Modes: protocol
 With --work-us the server frames the byte stream into --size messages and
 spends that many microseconds of pure-Python work on each before echoing
 it (the "heavy handler" scenario); otherwise it echoes bytes as they come.
+With --tls-cert it serves TLS (not in sock mode).
 
 Prints "READY <port or path> <the loop module's file>" on stdout once it
 listens (the file tells tools/bench.py which mtloop a baseline run really
@@ -22,6 +24,7 @@ import asyncio
 import os
 import signal
 import socket
+import ssl
 import sys
 import time
 from typing import Any, Callable
@@ -113,12 +116,19 @@ async def serve(args: argparse.Namespace) -> None:
         sock.bind(("127.0.0.1", args.port))
         where = str(sock.getsockname()[1])
     sock.setblocking(False)
+    sslctx = None
+    if args.tls_cert:
+        if args.mode == "sock":
+            raise SystemExit("bench_server: --mode sock has no TLS")
+        sslctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        sslctx.load_cert_chain(args.tls_cert, args.tls_key)
 
     if args.mode == "protocol":
-        server = await loop.create_server(lambda: EchoProtocol(args), sock=sock, backlog=4096)
+        server = await loop.create_server(lambda: EchoProtocol(args), sock=sock, backlog=4096,
+                                          ssl=sslctx)
     elif args.mode == "buffered":
         server = await loop.create_server(lambda: EchoBufferedProtocol(args), sock=sock,
-                                          backlog=4096)
+                                          backlog=4096, ssl=sslctx)
     elif args.mode == "streams":
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             framer = Framer(args.size, args.work_us, writer.write)
@@ -133,7 +143,7 @@ async def serve(args: argparse.Namespace) -> None:
                 pass
             finally:
                 writer.close()
-        server = await asyncio.start_server(handle, sock=sock, backlog=4096)
+        server = await asyncio.start_server(handle, sock=sock, backlog=4096, ssl=sslctx)
     else:  # sock
         sock.listen(4096)
         tasks: set[asyncio.Task[None]] = set()
@@ -185,6 +195,8 @@ def main() -> None:
     parser.add_argument("--work-us", type=float, default=0.0)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--unix", default=None)
+    parser.add_argument("--tls-cert", default=None, help="serve TLS with this certificate chain")
+    parser.add_argument("--tls-key", default=None, help="... and this key")
     args = parser.parse_args()
     import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -54,6 +54,19 @@ KNOWN: dict[str, str] = {
     "test_events.EventLoopTests.test_timeout_rounding":
         "builds its assertion message from loop._selector, the stock selector "
         "loop's private selector object, which mtloop (a libevent base) has not",
+    # -- asyncio's SSL protocol, white-box --------------------------------------
+    # These drive asyncio.sslproto.SSLProtocol's internals through the
+    # transport (tr._ssl_protocol, tr._test__append_write_backlog()).  A native
+    # TLS transport (issue #10) has no SSLProtocol under it; what they check
+    # (output flushed before close_notify, data written while the peer's
+    # close_notify arrives) is in tests/test_tls_native.py, and they pass on
+    # mtloop's fallback path (new_event_loop(native_tls=False)).
+    "test_ssl.TestSSL.test_flush_before_shutdown":
+        "white-box test of asyncio.sslproto.SSLProtocol (reads tr._ssl_protocol); "
+        "the native TLS transport has none under it",
+    "test_ssl.TestSSL.test_remote_shutdown_receives_trailing_data":
+        "white-box test of asyncio.sslproto.SSLProtocol (calls "
+        "tr._test__append_write_backlog()); the native TLS transport has none under it",
     # -- timing of a flushing close() ------------------------------------------
     # The handler does write(b'1'); close(); the test then asserts, right after
     # run_until_complete() returns, that the connection is already detached

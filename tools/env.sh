@@ -19,6 +19,7 @@ mt_setup_system() {
   command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
   pkg-config --exists libevent_core 2>/dev/null || need+=(libevent-dev)
   pkg-config --exists cmocka 2>/dev/null || need+=(libcmocka-dev)
+  pkg-config --exists libssl 2>/dev/null || need+=(libssl-dev)
   if ! ls /usr/lib/*/libtsan.so* >/dev/null 2>&1 && ! ls /usr/lib/gcc/*/*/libtsan.so >/dev/null 2>&1; then
     need+=(libtsan2)
   fi

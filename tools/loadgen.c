@@ -4,7 +4,7 @@
  *   mtloop-loadgen --port 8888 [--host 127.0.0.1] | --unix PATH
  *                  [-c CONNS] [-s SIZE] [-d SECONDS | -n REQUESTS]
  *                  [-p DEPTH] [--warmup SECONDS] [--json] [--cpu N]
- *                  [--connect-timeout SECONDS]
+ *                  [--connect-timeout SECONDS] [--tls [--tls-reuse]] [--reconnect]
  *
  * Each connection runs a closed loop with up to DEPTH messages in flight: a
  * message is sent when one of the connection's earlier ones has been echoed
@@ -22,7 +22,14 @@
  * the top bucket, the exact max and mean are kept separately).
  *
  * Connections are opened in parallel; the clock starts when every connection
- * is open (or has failed).  Requests completed during --warmup are not
+ * is open (or has failed).
+ *
+ * --tls speaks TLS (OpenSSL, no certificate verification: the server is the
+ * one under test); a connection counts as open once its handshake is done.
+ * --reconnect makes each connection send one message, read its echo, close
+ * (with close_notify under TLS) and connect again: requests/s is then
+ * connections (handshakes) per second.  TLS sessions are not resumed unless
+ * --tls-reuse is given.  Requests completed during --warmup are not
  * counted (with -n they do not use up the budget either).
  *
  * Exit status: 0 on success, 1 if any error occurred or no request completed,
@@ -51,6 +58,9 @@
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
+
+#include <openssl/err.h>
+#include <openssl/ssl.h>
 
 #define PROG "mtloop-loadgen"
 
@@ -184,7 +194,7 @@ static void msg_fill(uint64_t seed, size_t off, size_t len, unsigned char *out)
 /* ------------------------------------------------------------------------ */
 /* State                                                                    */
 
-enum conn_state { C_IDLE, C_RETRY, C_CONNECTING, C_OPEN, C_CLOSED };
+enum conn_state { C_IDLE, C_RETRY, C_CONNECTING, C_HANDSHAKE, C_OPEN, C_CLOSED };
 enum phase { PH_CONNECTING, PH_RUNNING, PH_DONE };
 
 struct conn {
@@ -197,6 +207,9 @@ struct conn {
     uint64_t rseq;              /* receive position: message, offset */
     size_t roff;
     uint64_t *tstart;           /* [pipeline]: send time of message seq */
+    SSL *ssl;                   /* --tls */
+    size_t tls_retry;           /* an SSL_write to repeat with this length */
+    bool restarting;            /* --reconnect: connecting again, not counted */
 };
 
 struct options {
@@ -212,6 +225,7 @@ struct options {
     bool json;
     long cpu;                   /* -1: none */
     double connect_timeout;
+    bool tls, tls_reuse, reconnect;
 };
 
 static struct options opt = {
@@ -248,6 +262,9 @@ static struct {
     unsigned char *sbuf;
     unsigned char *rbuf;
     unsigned char *ebuf;
+    SSL_CTX *ssl_ctx;
+    SSL_SESSION *session;       /* --tls-reuse: the session to resume */
+    uint64_t reconnects;
 } g;
 
 static volatile sig_atomic_t interrupted;
@@ -280,6 +297,9 @@ static void usage(FILE *f)
         "      --json              print one JSON object\n"
         "      --cpu N             pin this process to CPU N\n"
         "      --connect-timeout SECONDS  (default 5)\n"
+        "      --tls               speak TLS (no certificate verification)\n"
+        "      --tls-reuse         resume TLS sessions (with --reconnect)\n"
+        "      --reconnect         one request per connection, then connect again\n"
         "  -h, --help              show this help\n"
         "\n"
         "Exit status: 0 ok, 1 errors or no request completed, 2 bad usage.\n");
@@ -324,7 +344,7 @@ static double parse_seconds(const char *name, const char *s, bool allow_zero)
 
 enum {
     OPT_HOST = 256, OPT_PORT, OPT_UNIX, OPT_WARMUP, OPT_JSON, OPT_CPU,
-    OPT_CONNECT_TIMEOUT,
+    OPT_CONNECT_TIMEOUT, OPT_TLS, OPT_TLS_REUSE, OPT_RECONNECT,
 };
 
 static void parse_args(int argc, char **argv)
@@ -342,6 +362,9 @@ static void parse_args(int argc, char **argv)
         {"json", no_argument, NULL, OPT_JSON},
         {"cpu", required_argument, NULL, OPT_CPU},
         {"connect-timeout", required_argument, NULL, OPT_CONNECT_TIMEOUT},
+        {"tls", no_argument, NULL, OPT_TLS},
+        {"tls-reuse", no_argument, NULL, OPT_TLS_REUSE},
+        {"reconnect", no_argument, NULL, OPT_RECONNECT},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
@@ -366,6 +389,9 @@ static void parse_args(int argc, char **argv)
         case OPT_CONNECT_TIMEOUT:
             opt.connect_timeout = parse_seconds("--connect-timeout", optarg, false);
             break;
+        case OPT_TLS: opt.tls = true; break;
+        case OPT_TLS_REUSE: opt.tls_reuse = true; break;
+        case OPT_RECONNECT: opt.reconnect = true; break;
         case 'h': usage(stdout); exit(0);
         default: fprintf(stderr, "Try '" PROG " --help'.\n"); exit(2);
         }
@@ -386,6 +412,10 @@ static void parse_args(int argc, char **argv)
         opt.duration = 10.0;
     if (opt.connections * opt.pipeline > (1ULL << 24))
         bad_usage("--connections x --pipeline is too large");
+    if (opt.tls_reuse && !opt.tls)
+        bad_usage("--tls-reuse needs --tls");
+    if (opt.reconnect && opt.pipeline != 1)
+        bad_usage("--reconnect sends one message per connection: no --pipeline");
 }
 
 /* ------------------------------------------------------------------------ */
@@ -395,10 +425,16 @@ static void conn_close(struct conn *c)
 {
     if (c->state == C_CLOSED)
         return;
-    if (c->state == C_OPEN)
+    if (c->state == C_OPEN || c->restarting)
         g.alive--;
-    if (c->state == C_CONNECTING || c->state == C_RETRY)
+    if (!c->restarting && (c->state == C_CONNECTING || c->state == C_RETRY ||
+                           c->state == C_HANDSHAKE))
         g.pending--;
+    c->restarting = false;
+    if (c->ssl != NULL) {
+        SSL_free(c->ssl);
+        c->ssl = NULL;
+    }
     if (c->fd >= 0)
         close(c->fd);
     c->fd = -1;
@@ -425,9 +461,107 @@ static void conn_fail(struct conn *c, const char *fmt, ...)
 static void conn_opened(struct conn *c)
 {
     c->state = C_OPEN;
+    if (c->restarting) {
+        c->restarting = false; /* counted as alive throughout */
+        return;
+    }
     g.pending--;
     g.alive++;
     g.connected++;
+}
+
+static const char *tls_error_text(void)
+{
+    unsigned long e = ERR_get_error();
+    const char *r = e ? ERR_reason_error_string(e) : NULL;
+    ERR_clear_error();
+    return r ? r : "unknown error (the peer closed?)";
+}
+
+/* The TCP connection is up: open it, or start its TLS handshake. */
+static void conn_connected(struct conn *c)
+{
+    if (!opt.tls) {
+        conn_opened(c);
+        return;
+    }
+    c->ssl = SSL_new(g.ssl_ctx);
+    if (c->ssl == NULL || SSL_set_fd(c->ssl, c->fd) != 1) {
+        conn_fail(c, "SSL_new: %s", tls_error_text());
+        return;
+    }
+    SSL_set_connect_state(c->ssl);
+    if (opt.tls_reuse && g.session != NULL)
+        SSL_set_session(c->ssl, g.session);
+    c->state = C_HANDSHAKE;
+}
+
+/* Moves the handshake on; true once it is done (the connection is open). */
+static bool conn_handshake(struct conn *c)
+{
+    ERR_clear_error();
+    int rc = SSL_do_handshake(c->ssl);
+    if (rc == 1) {
+        conn_opened(c);
+        return true;
+    }
+    int e = SSL_get_error(c->ssl, rc);
+    if (e != SSL_ERROR_WANT_READ && e != SSL_ERROR_WANT_WRITE)
+        conn_fail(c, "TLS handshake: %s", tls_error_text());
+    return false;
+}
+
+/* send() and recv() in the socket's terms (-1 with errno, EAGAIN when the
+ * socket is not ready), through TLS when --tls. */
+static ssize_t conn_send(struct conn *c, const void *buf, size_t len)
+{
+    if (c->ssl == NULL)
+        return send(c->fd, buf, len, MSG_NOSIGNAL);
+    if (c->tls_retry)
+        len = c->tls_retry; /* OpenSSL wants the same write again */
+    ERR_clear_error();
+    int n = SSL_write(c->ssl, buf, (int)len);
+    if (n > 0) {
+        c->tls_retry = 0;
+        return n;
+    }
+    int e = SSL_get_error(c->ssl, n);
+    if (e == SSL_ERROR_WANT_WRITE || e == SSL_ERROR_WANT_READ) {
+        c->tls_retry = len;
+        errno = EAGAIN;
+        return -1;
+    }
+    errno = EPROTO;
+    return -1;
+}
+
+/* Reads until the buffer is full or the socket is drained, so that a short
+ * read means drained, as for recv() (edge-triggered epoll relies on it). */
+static ssize_t conn_recv(struct conn *c, void *buf, size_t len)
+{
+    if (c->ssl == NULL)
+        return recv(c->fd, buf, len, 0);
+    size_t got = 0;
+    while (got < len) {
+        ERR_clear_error();
+        int n = SSL_read(c->ssl, (char *)buf + got, (int)(len - got));
+        if (n > 0) {
+            got += (size_t)n;
+            continue;
+        }
+        int e = SSL_get_error(c->ssl, n);
+        if (got > 0)
+            break;
+        if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
+            errno = EAGAIN;
+            return -1;
+        }
+        if (e == SSL_ERROR_ZERO_RETURN)
+            return 0;
+        errno = EPROTO;
+        return -1;
+    }
+    return (ssize_t)got;
 }
 
 /* One connect attempt; leaves c CONNECTING, RETRY, OPEN or CLOSED. */
@@ -466,9 +600,30 @@ static void conn_try_connect(struct conn *c)
         return;
     }
     if (rc == 0)
-        conn_opened(c);
+        conn_connected(c);
     else
         c->state = C_CONNECTING;
+}
+
+/* --reconnect: the request is done; close politely and connect again. */
+static void conn_restart(struct conn *c)
+{
+    if (c->ssl != NULL) {
+        if (opt.tls_reuse && g.session == NULL)
+            g.session = SSL_get1_session(c->ssl);
+        SSL_shutdown(c->ssl); /* close_notify, not waiting for the answer */
+        SSL_free(c->ssl);
+        c->ssl = NULL;
+    }
+    epoll_ctl(g.epfd, EPOLL_CTL_DEL, c->fd, NULL);
+    close(c->fd);
+    c->fd = -1;
+    c->nissued = c->wseq = c->rseq = 0;
+    c->woff = c->roff = 0;
+    c->tls_retry = 0;
+    c->restarting = true;
+    g.reconnects++;
+    conn_try_connect(c);
 }
 
 static uint64_t send_pos(const struct conn *c)
@@ -513,7 +668,7 @@ static void conn_write(struct conn *c)
         }
 
         uint64_t t = now_ns();
-        ssize_t n = send(c->fd, g.sbuf, fill, MSG_NOSIGNAL);
+        ssize_t n = conn_send(c, g.sbuf, fill);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
@@ -555,6 +710,8 @@ static void complete(struct conn *c, uint64_t t)
     c->rseq++;
     c->roff = 0;
     g.inflight--;
+    if (opt.reconnect && g.phase == PH_RUNNING)
+        conn_restart(c);
 }
 
 /* Read everything available, verifying each byte against what was sent.
@@ -563,7 +720,7 @@ static void conn_read(struct conn *c, uint32_t events)
 {
     const uint64_t size = opt.size;
     while (c->state == C_OPEN) {
-        ssize_t n = recv(c->fd, g.rbuf, RECV_CHUNK, 0);
+        ssize_t n = conn_recv(c, g.rbuf, RECV_CHUNK);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
@@ -602,8 +759,11 @@ static void conn_read(struct conn *c, uint32_t events)
             }
             pos += k;
             c->roff += k;
-            if (c->roff == size)
+            if (c->roff == size) {
                 complete(c, t);
+                if (c->state != C_OPEN)
+                    return; /* --reconnect: a new connection now */
+            }
         }
         /* A short read drained the socket: data arriving later raises a new
          * edge.  Not so for a FIN that came before the read (the mask then
@@ -615,6 +775,7 @@ static void conn_read(struct conn *c, uint32_t events)
 
 static void conn_event(struct conn *c, uint32_t events)
 {
+    int fd = c->fd;
     if (c->state == C_CONNECTING) {
         int err = 0;
         socklen_t len = sizeof err;
@@ -630,12 +791,16 @@ static void conn_event(struct conn *c, uint32_t events)
             conn_fail(c, "connect: connection failed");
             return;
         }
-        conn_opened(c);
+        conn_connected(c);
     }
+    if (c->state == C_HANDSHAKE && !conn_handshake(c))
+        return;
     if (c->state != C_OPEN)
         return;
     if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
         conn_read(c, events);
+    if (c->fd != fd)
+        return; /* --reconnect: the events were the old connection's */
     if (c->state == C_OPEN && (events & (EPOLLHUP | EPOLLERR))) {
         int err = 0;
         socklen_t len = sizeof err;
@@ -715,7 +880,7 @@ static void stop_run(uint64_t now)
     g.phase = PH_DONE;
     for (uint64_t i = 0; i < g.nconns; i++)
         if (g.conns[i].state != C_CLOSED) {
-            if (g.conns[i].state != C_OPEN)
+            if (g.conns[i].state != C_OPEN && !g.conns[i].restarting)
                 conn_fail(&g.conns[i], "interrupted while connecting");
             else
                 conn_close(&g.conns[i]);
@@ -753,19 +918,21 @@ static void report(void)
         printf("{\"requests\": %llu, \"seconds\": %.6f, \"rps\": %.3f, \"mib_s\": %.3f, "
                "\"errors\": %llu, \"connections\": %llu, \"size\": %llu, \"pipeline\": %llu, "
                "\"p50_us\": %.3f, \"p90_us\": %.3f, \"p99_us\": %.3f, \"p999_us\": %.3f, "
-               "\"max_us\": %.3f, \"mean_us\": %.3f}\n",
+               "\"max_us\": %.3f, \"mean_us\": %.3f, \"tls\": %s, \"reconnects\": %llu}\n",
                (unsigned long long)g.requests, seconds, rps, mib_s,
                (unsigned long long)g.errors, (unsigned long long)g.connected,
                (unsigned long long)opt.size, (unsigned long long)opt.pipeline,
-               p50, p90, p99, p999, max, mean);
+               p50, p90, p99, p999, max, mean, opt.tls ? "true" : "false",
+               (unsigned long long)g.reconnects);
         return;
     }
     if (opt.unix_path)
         printf(PROG ": unix %s", opt.unix_path);
     else
         printf(PROG ": tcp %s port %s", opt.host, opt.port);
-    printf(", %llu B messages, pipeline %llu\n",
-           (unsigned long long)opt.size, (unsigned long long)opt.pipeline);
+    printf(", %llu B messages, pipeline %llu%s%s\n",
+           (unsigned long long)opt.size, (unsigned long long)opt.pipeline,
+           opt.tls ? ", TLS" : "", opt.reconnect ? ", a connection per request" : "");
     printf("  connections  %llu", (unsigned long long)g.connected);
     if (g.connected != opt.connections)
         printf(" (of %llu requested)", (unsigned long long)opt.connections);
@@ -806,6 +973,16 @@ int main(int argc, char **argv)
     sigaction(SIGTERM, &sa, NULL);
     signal(SIGPIPE, SIG_IGN);
 
+    if (opt.tls) {
+        g.ssl_ctx = SSL_CTX_new(TLS_client_method());
+        if (g.ssl_ctx == NULL) {
+            fprintf(stderr, PROG ": SSL_CTX_new: %s\n", tls_error_text());
+            return 1;
+        }
+        SSL_CTX_set_verify(g.ssl_ctx, SSL_VERIFY_NONE, NULL);
+        SSL_CTX_set_mode(g.ssl_ctx, SSL_MODE_ENABLE_PARTIAL_WRITE |
+                                        SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+    }
     g.epfd = epoll_create1(EPOLL_CLOEXEC);
     if (g.epfd < 0) {
         perror(PROG ": epoll_create1");
@@ -890,6 +1067,10 @@ int main(int argc, char **argv)
     free(g.sbuf);
     free(g.rbuf);
     free(g.ebuf);
+    if (g.session != NULL)
+        SSL_SESSION_free(g.session);
+    if (g.ssl_ctx != NULL)
+        SSL_CTX_free(g.ssl_ctx);
     close(g.epfd);
     return (g.errors > 0 || g.requests == 0) ? 1 : 0;
 }

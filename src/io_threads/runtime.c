@@ -111,7 +111,9 @@ static void *io_main(void *arg)
         if (io->exiting)
             break;
         mt_waker_prepare_sleep(&io->waker);
-        if (!mt_mpsc_queue_is_empty(&io->commands)) {
+        /* Dirty records (work a callback deferred) are serviced with the
+         * next commands: poll without sleeping while any wait. */
+        if (!mt_mpsc_queue_is_empty(&io->commands) || io->dirty_head != NULL) {
             mt_waker_awake(&io->waker);
             event_base_loop(io->base, EVLOOP_ONCE | EVLOOP_NONBLOCK);
         } else {

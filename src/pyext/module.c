@@ -8,6 +8,7 @@
 #include "loop/loop.h"
 #include "transport/listener_core.h"
 #include "transport/stream_core.h"
+#include "transport/tls_core.h"
 
 static PyObject *helpers; /* mtloop._helpers, imported on first use */
 
@@ -135,7 +136,8 @@ PyMODINIT_FUNC PyInit__mtloop(void)
         return NULL;
     mt_runtime_init();
     if (mt_handles_init() < 0 || mt_loop_type_init(m) < 0 ||
-        mt_stream_core_type_init(m) < 0 || mt_listener_core_type_init(m) < 0) {
+        mt_stream_core_type_init(m) < 0 || mt_listener_core_type_init(m) < 0 ||
+        mt_tls_core_init(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -1,15 +1,16 @@
 /* A flow: the C record of every byte-stream transport (TCP and Unix
- * sockets now; pipes and the plaintext side of TLS later), and the pump
- * that drives it on its I/O thread.
+ * sockets, TLS over them; pipes later), and the pump that drives it on its
+ * I/O thread.
  *
  * The pump is the byte-stream machinery, the same for every kind: the
  * output queue and its batched writes, the `flushed` and `unconsumed`
  * counters, the marks for DRAINED and BLOCKED, read credit, shutdown and
  * close ordering, and RELEASED strictly last.  What differs by kind is a
  * small table of fd operations (mt_fd_ops): a socket sends with sendmsg()
- * and has sendfile(); a pipe would use writev(); TLS would be a filter
- * between the pump and its socket.  The counters count the bytes the pump
- * hands to and takes from those operations: plaintext, for TLS.
+ * and has sendfile(); a pipe would use writev(); TLS (tls_ops.c) is a
+ * filter between the pump and its socket, with a handshake and a
+ * close_notify of its own.  The counters count the bytes the pump hands to
+ * and takes from those operations: plaintext, for TLS.
  *
  * Lifetime and the fd: the record is reference-counted (mt_record).  The
  * loop half holds one reference until it lets go of the transport
@@ -78,17 +79,45 @@ typedef struct mt_flow mt_flow;
 /* The fd operations of a flow kind.  Each returns what the system call
  * would (-1 with errno; EAGAIN when the fd is not ready). */
 typedef struct mt_fd_ops {
+    /* read and writev return what the system call would.  An operation
+     * that returns EAGAIN because it waits for the other readiness (a TLS
+     * read that must send first) says so in f->wait_hint. */
     ssize_t (*read)(mt_flow *f, void *buf, size_t len);
     ssize_t (*writev)(mt_flow *f, const struct iovec *iov, int cnt);
     int (*shutdown_wr)(mt_flow *f);
     /* NULL when the kind has none (the loop falls back to writes). */
     ssize_t (*sendfile)(mt_flow *f, int in_fd, int64_t *offset, size_t count);
+
+    /* A filter (TLS) has work of its own on the fd before the byte stream
+     * opens (a handshake) and before the fd closes (close_notify); NULL
+     * for plain kinds.  The pump calls `open` from attach and `close` once
+     * the output is out, then each again on the readiness it left in
+     * f->filter_wait; reads and writes wait meanwhile.  Each returns 0 when
+     * done, 1 while it waits, -1 with errno when it failed.  One that
+     * waits with filter_wait 0 waits for no readiness: it is run again
+     * once its record is marked dirty (mt_record_mark_dirty). */
+    int (*open)(mt_flow *f);
+    int (*close)(mt_flow *f);
+    /* True when the filter holds input the fd will not signal (decrypted
+     * bytes buffered inside OpenSSL).  NULL: never. */
+    bool (*has_input)(mt_flow *f);
+    /* Frees the filter's state; idempotent.  The owning I/O thread calls
+     * it when it lets go of the flow (what the loop may still read stays),
+     * destroy with `destroying` for the rest. */
+    void (*release)(mt_flow *f, bool destroying);
+    /* The size of the kind's flow struct, which starts with mt_flow; 0 for
+     * a plain mt_flow. */
+    size_t flow_size;
+
     /* The loop thread may call writev on an idle flow: the operation keeps
      * no state of its own (false for a filter such as TLS). */
     bool loop_may_write;
 } mt_fd_ops;
 
 extern const mt_fd_ops mt_socket_fd_ops;
+
+/* Where a filter's own work stands (mt_flow.filter_phase). */
+enum { MT_FILTER_NONE, MT_FILTER_OPENING, MT_FILTER_OPEN, MT_FILTER_CLOSING };
 
 /* Opcodes.  Commands: */
 enum {
@@ -102,6 +131,8 @@ enum {
     MT_FLOW_DRAINED,            /* flushed reached the loop's resume mark */
     MT_FLOW_BLOCKED,            /* the fd refused output past the loop's mark */
     MT_FLOW_SENDFILE_DONE,      /* payload: mt_flow_sendfile_done; err */
+    MT_FLOW_OPENED,             /* a filter's opening finished (err: or failed,
+                                   and RELEASED follows) */
 };
 
 /* Control bits (mt_record_signal). */
@@ -152,6 +183,10 @@ struct mt_flow {
     int64_t sf_offset;
     size_t sf_left, sf_done;
     bool want_write;                /* output waits for writability */
+    uint8_t filter_phase;           /* MT_FILTER_* */
+    unsigned filter_wait;           /* readiness the filter's own work waits for */
+    unsigned read_on, write_on;     /* readiness a blocked read / write waits for */
+    unsigned wait_hint;             /* set by an fd op with its EAGAIN (mt_fd_ops) */
     bool starved;                   /* out of read credit */
     bool read_done;                 /* EOF or a read error seen */
     bool shut_wr_pending, closing, closed, write_failed;

@@ -20,18 +20,41 @@ static void emit(mt_io_thread *io, mt_flow *f, uint8_t op, int err)
 }
 
 static void finish_close(mt_io_thread *io, mt_flow *f, int err, bool notify);
+static void on_readable(mt_io_thread *io, mt_flow *f);
 
 /* ---- interest ------------------------------------------------------------- */
+
+/* The filter's own work (opening or closing) holds the byte stream. */
+static bool filter_busy(const mt_flow *f)
+{
+    return f->filter_phase == MT_FILTER_OPENING || f->filter_phase == MT_FILTER_CLOSING;
+}
+
+static bool reading_wanted(mt_flow *f)
+{
+    return atomic_load_explicit(&f->want_read, memory_order_relaxed) && !f->starved &&
+           !f->read_done && !f->closing && !filter_busy(f);
+}
 
 static void update_interest(mt_io_thread *io, mt_flow *f)
 {
     if (f->closed || !f->rec.attached)
         return;
-    bool read = atomic_load_explicit(&f->want_read, memory_order_relaxed) && !f->starved &&
-                !f->read_done && !f->closing;
-    unsigned interest = (read ? MT_IO_READ : 0) | (f->want_write ? MT_IO_WRITE : 0);
+    unsigned interest;
+    if (filter_busy(f))
+        interest = f->filter_wait; /* the filter's own work comes first */
+    else
+        interest = (reading_wanted(f) ? f->read_on : 0) | (f->want_write ? f->write_on : 0);
     if (mt_io_watch_set(&f->watch, interest) < 0)
         finish_close(io, f, errno, true); /* a silent flow would hang its peer */
+}
+
+/* The readiness an fd op that returned EAGAIN waits for. */
+static unsigned take_wait_hint(mt_flow *f, unsigned own)
+{
+    unsigned hint = f->wait_hint;
+    f->wait_hint = 0;
+    return hint ? hint : own;
 }
 
 /* ---- the output side ------------------------------------------------------ */
@@ -116,6 +139,7 @@ static void check_blocked(mt_io_thread *io, mt_flow *f)
 static void note_full(mt_io_thread *io, mt_flow *f)
 {
     f->want_write = true;
+    f->write_on = take_wait_hint(f, MT_IO_WRITE);
     update_interest(io, f);
     if (mt_flow_note_full(f))
         emit(io, f, MT_FLOW_BLOCKED, 0);
@@ -176,6 +200,7 @@ static bool flush_output(mt_io_thread *io, mt_flow *f)
         }
         if (atomic_load_explicit(&f->output_full, memory_order_relaxed))
             atomic_store_explicit(&f->output_full, false, memory_order_relaxed);
+        f->write_on = MT_IO_WRITE;
         size_t left = (size_t)n;
         f->out_bytes -= left;
         mt_counter_add(&mt_io_thread_stats(io)->bytes_written, left);
@@ -250,11 +275,14 @@ static bool run_sendfile(mt_io_thread *io, mt_flow *f)
     return true;
 }
 
+static void run_filter(mt_io_thread *io, mt_flow *f);
+
 /* Moves output forward: queued writes, then a pending sendfile, then the
- * deferred shutdown and close once everything is out. */
+ * deferred shutdown and close once everything is out.  Nothing moves while
+ * a filter does its own work. */
 static void pump_output(mt_io_thread *io, mt_flow *f)
 {
-    if (f->closed)
+    if (f->closed || filter_busy(f))
         return;
     if (f->out_head != NULL && !flush_output(io, f))
         return;
@@ -268,8 +296,43 @@ static void pump_output(mt_io_thread *io, mt_flow *f)
         f->shut_wr_pending = false;
         f->fd_ops->shutdown_wr(f);
     }
-    if (f->closing)
-        finish_close(io, f, 0, true);
+    if (!f->closing)
+        return;
+    if (f->filter_phase == MT_FILTER_OPEN) {
+        f->filter_phase = MT_FILTER_CLOSING; /* close_notify first */
+        run_filter(io, f);
+        return;
+    }
+    finish_close(io, f, 0, true);
+}
+
+/* ---- a filter's own work ---------------------------------------------------- */
+
+/* Runs the filter's opening or closing as far as the fd lets it. */
+static void run_filter(mt_io_thread *io, mt_flow *f)
+{
+    bool opening = f->filter_phase == MT_FILTER_OPENING;
+    int rc = opening ? f->fd_ops->open(f) : f->fd_ops->close(f);
+    int err = rc < 0 ? errno : 0;
+    if (rc > 0) {
+        update_interest(io, f);
+        return;
+    }
+    f->filter_wait = 0;
+    if (!opening) {
+        finish_close(io, f, err, true);
+        return;
+    }
+    emit(io, f, MT_FLOW_OPENED, err); /* before any data it read */
+    if (rc < 0) {
+        finish_close(io, f, err, true);
+        return;
+    }
+    f->filter_phase = MT_FILTER_OPEN;
+    update_interest(io, f);
+    pump_output(io, f); /* what was queued meanwhile */
+    if (!f->closed && f->fd_ops->has_input && reading_wanted(f) && f->fd_ops->has_input(f))
+        on_readable(io, f);
 }
 
 /* ---- the input side ------------------------------------------------------- */
@@ -307,7 +370,11 @@ static void on_readable(mt_io_thread *io, mt_flow *f)
             mt_credit_take(&f->read_credit, mt_read_charge((size_t)n));
             mt_counter_add(&mt_io_thread_stats(io)->bytes_read, (uint64_t)n);
             mt_io_thread_emit(io, msg);
-            if ((size_t)n < MT_READ_MAX)
+            if (f->read_on != MT_IO_READ) {
+                f->read_on = MT_IO_READ;
+                update_interest(io, f);
+            }
+            if ((size_t)n < MT_READ_MAX && !(f->fd_ops->has_input && f->fd_ops->has_input(f)))
                 return;
             continue;
         }
@@ -315,8 +382,14 @@ static void on_readable(mt_io_thread *io, mt_flow *f)
         mt_msg_free(msg);
         if (n < 0 && err == EINTR)
             continue;
-        if (n < 0 && (err == EAGAIN || err == EWOULDBLOCK))
+        if (n < 0 && (err == EAGAIN || err == EWOULDBLOCK)) {
+            unsigned on = take_wait_hint(f, MT_IO_READ);
+            if (on != f->read_on) {
+                f->read_on = on;
+                update_interest(io, f);
+            }
             return;
+        }
         f->read_done = true;
         update_interest(io, f);
         if (n == 0)
@@ -325,22 +398,31 @@ static void on_readable(mt_io_thread *io, mt_flow *f)
             emit(io, f, MT_FLOW_READ_ERROR, err);
         return;
     }
+    /* Out of rounds: input a filter holds gets no readiness event. */
+    if (f->fd_ops->has_input && f->fd_ops->has_input(f))
+        mt_record_mark_dirty(io, &f->rec);
 }
 
 static void on_watch(mt_io_watch *w, unsigned events)
 {
     mt_flow *f = MT_CONTAINER_OF(w, mt_flow, watch);
     mt_io_thread *io = w->io;
-    if (!(events & MT_IO_WRITE)) {
+    if (events == MT_IO_READ && f->read_on == MT_IO_READ && !filter_busy(f)) {
         on_readable(io, f); /* the common case, kept free of atomics */
         return;
     }
-    /* Writable first: flushing may close the flow and let go of the
-     * record, so it is held, and read only if it is still open. */
+    /* Output first: flushing (or a filter's work) may close the flow and
+     * let go of the record, so it is held, and read only if still open. */
     mt_record_incref(&f->rec);
-    pump_output(io, f);
-    if ((events & MT_IO_READ) && (f->watch.interest & MT_IO_READ) && !f->closed)
-        on_readable(io, f);
+    if (filter_busy(f)) {
+        if (events & f->filter_wait)
+            run_filter(io, f); /* moves output and input itself when done */
+    } else {
+        if (f->want_write && (events & f->write_on))
+            pump_output(io, f);
+        if (!f->closed && reading_wanted(f) && (events & f->read_on))
+            on_readable(io, f);
+    }
     mt_record_decref(&f->rec);
 }
 
@@ -363,6 +445,8 @@ static void finish_close(mt_io_thread *io, mt_flow *f, int err, bool notify)
         mt_io_watch_close(&f->watch);
         atomic_fetch_sub_explicit(&mt_io_thread_stats(io)->transports, 1, memory_order_relaxed);
     }
+    if (f->fd_ops->release)
+        f->fd_ops->release(f, false); /* before the fd can close */
     mt_flow_drop_fd(f);
     if (notify)
         mt_record_release(io, &f->rec, err);
@@ -375,12 +459,19 @@ static void attach(mt_io_thread *io, mt_flow *f)
         int err = errno;
         f->closed = true;
         drop_output(io, f);
+        if (f->fd_ops->release)
+            f->fd_ops->release(f, false);
         mt_flow_drop_fd(f);
         mt_record_release(io, &f->rec, err);
         return;
     }
     mt_record_attach(io, &f->rec);
     atomic_fetch_add_explicit(&mt_io_thread_stats(io)->transports, 1, memory_order_relaxed);
+    if (f->fd_ops->open != NULL) {
+        f->filter_phase = MT_FILTER_OPENING;
+        f->filter_wait = MT_IO_READ | MT_IO_WRITE; /* until open says what it waits for */
+        run_filter(io, f);
+    }
 }
 
 /* ---- the runtime's entry points ------------------------------------------- */
@@ -450,6 +541,11 @@ static void flow_service(mt_io_thread *io, mt_record *rec, uint32_t control)
         f->closing = true;
     if (control & MT_FLOW_CREDIT)
         f->starved = false;
+    if (filter_busy(f) && f->filter_wait == 0) {
+        run_filter(io, f); /* a filter waiting for no readiness asked for this */
+        if (f->closed)
+            return;
+    }
     update_interest(io, f);
     if (f->closed)
         return;
@@ -457,6 +553,9 @@ static void flow_service(mt_io_thread *io, mt_record *rec, uint32_t control)
         pump_output(io, f);
     else if (f->out_head != NULL)
         check_blocked(io, f); /* more output behind a full fd */
+    /* Input a filter already holds raises no readiness event. */
+    if (!f->closed && f->fd_ops->has_input && reading_wanted(f) && f->fd_ops->has_input(f))
+        on_readable(io, f);
 }
 
 static void flow_drop(mt_io_thread *io, mt_record *rec, bool notify)
@@ -471,6 +570,8 @@ static void flow_destroy(mt_record *rec)
      * dropped belongs to a flow no I/O thread ever served. */
     if (f->sf_fd >= 0)
         close(f->sf_fd);
+    if (f->fd_ops->release)
+        f->fd_ops->release(f, true);
     if (atomic_load_explicit(&f->fd_holds, memory_order_acquire) > 0)
         close(f->fd);
     free(f);
@@ -486,7 +587,7 @@ static const mt_record_ops flow_ops = {
 mt_flow *mt_flow_new(const mt_fd_ops *fd_ops, const struct mt_loop_ops *loop_ops,
                      mt_sink *sink, mt_io_thread *io, int fd)
 {
-    mt_flow *f = calloc(1, sizeof(*f));
+    mt_flow *f = calloc(1, fd_ops->flow_size ? fd_ops->flow_size : sizeof(*f));
     if (f == NULL)
         return NULL;
     mt_record_init(&f->rec, &flow_ops, loop_ops, sink, io);
@@ -494,6 +595,8 @@ mt_flow *mt_flow_new(const mt_fd_ops *fd_ops, const struct mt_loop_ops *loop_ops
     f->fd = fd;
     atomic_init(&f->fd_holds, 2);
     f->sf_fd = -1;
+    f->read_on = MT_IO_READ;
+    f->write_on = MT_IO_WRITE;
     atomic_init(&f->want_read, false);
     mt_credit_init(&f->read_credit);
     atomic_init(&f->flushed, 0);

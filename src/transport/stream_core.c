@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include "pyext/module.h"
+#include "transport/tls_core.h"
 
 static PyObject *buffered_protocol_type; /* asyncio.BufferedProtocol */
 
@@ -794,6 +795,8 @@ static int stream_dispatch(mt_loop *loop, mt_msg *msg)
 {
     (void)loop;
     mt_flow *f = (mt_flow *)msg->rec;
+    if (msg->op == MT_OP_RELEASED)
+        mt_tls_core_unpin(f); /* even with nobody left to tell */
     mt_stream_core *self = f->rec.owner;
     if (self == NULL || self->transport == NULL) {
         if (msg->op == MT_FLOW_DATA)
@@ -833,6 +836,10 @@ static int stream_dispatch(mt_loop *loop, mt_msg *msg)
         rc = on_sendfile_done(self, err, sent);
         break;
     }
+    case MT_FLOW_OPENED:
+        mt_msg_free(msg);
+        rc = call_transport(self, "_mt_opened", "(i)", err);
+        break;
     case MT_OP_RELEASED:
         mt_msg_free(msg);
         rc = on_released(self, err);
@@ -846,6 +853,8 @@ static int stream_dispatch(mt_loop *loop, mt_msg *msg)
 
 static void stream_discard(mt_msg *msg)
 {
+    if (msg->op == MT_OP_RELEASED)
+        mt_tls_core_unpin((mt_flow *)msg->rec);
     mt_msg_free(msg); /* no payload of a flow's completion owns anything */
 }
 
@@ -868,6 +877,7 @@ static void stream_detach(mt_loop *loop, mt_record *rec)
         Py_XDECREF(res);
     }
     Py_CLEAR(self->transport);
+    mt_tls_core_unpin((mt_flow *)rec); /* the I/O thread has let go */
     release_flow(self);
     Py_DECREF(self);
 }
@@ -882,12 +892,12 @@ static const mt_loop_ops stream_loop_ops = {
 
 static PyObject *core_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"loop", "fd", "transport", "protocol", "dup", NULL};
-    PyObject *loop_obj, *transport, *protocol;
+    static char *kwlist[] = {"loop", "fd", "transport", "protocol", "dup", "tls", NULL};
+    PyObject *loop_obj, *transport, *protocol, *tls = Py_None;
     int fd, dup = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!iOO|p:StreamCore", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!iOO|pO:StreamCore", kwlist,
                                      &mt_LoopCoreType, &loop_obj, &fd, &transport, &protocol,
-                                     &dup))
+                                     &dup, &tls))
         return NULL;
     if (fd < 0) {
         PyErr_SetString(PyExc_ValueError, "invalid file descriptor");
@@ -914,12 +924,18 @@ static PyObject *core_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         Py_DECREF(self);
         return PyErr_SetFromErrno(PyExc_OSError);
     }
-    self->flow = mt_flow_new(&mt_socket_fd_ops, &stream_loop_ops, loop->sink, io, own);
+    if (tls == Py_None) {
+        self->flow = mt_flow_new(&mt_socket_fd_ops, &stream_loop_ops, loop->sink, io, own);
+        if (self->flow == NULL)
+            PyErr_NoMemory();
+    } else {
+        self->flow = mt_tls_core_new_flow(tls, &stream_loop_ops, loop->sink, io, own);
+    }
     if (self->flow == NULL) {
         if (dup)
             close(own);
         Py_DECREF(self);
-        return PyErr_NoMemory();
+        return NULL;
     }
     self->flow->rec.owner = self;
     self->transport = Py_NewRef(transport);
@@ -1015,6 +1031,25 @@ static PyObject *get_fd(mt_stream_core *self, void *Py_UNUSED(c))
     return PyLong_FromLong(self->flow ? self->flow->fd : -1);
 }
 
+static PyObject *core_tls_info(mt_stream_core *self, PyObject *Py_UNUSED(a))
+{
+    if (self->flow == NULL)
+        Py_RETURN_NONE;
+    return mt_tls_core_info(self->flow);
+}
+
+static PyObject *core_tls_error(mt_stream_core *self, PyObject *Py_UNUSED(a))
+{
+    if (self->flow == NULL)
+        Py_RETURN_NONE;
+    return mt_tls_core_error(self->flow);
+}
+
+static PyObject *core_tls_shutdown_clean(mt_stream_core *self, PyObject *Py_UNUSED(a))
+{
+    return PyBool_FromLong(self->flow != NULL && mt_tls_core_shutdown_clean(self->flow));
+}
+
 static PyObject *get_io_thread(mt_stream_core *self, void *Py_UNUSED(c))
 {
     if (self->flow == NULL)
@@ -1062,6 +1097,12 @@ static PyMethodDef core_methods[] = {
      "The await was abandoned: stop the sendfile, forget its waiter."},
     {"get_write_buffer_size", (PyCFunction)core_get_write_buffer_size, METH_NOARGS, NULL},
     {"set_protocol", (PyCFunction)core_set_protocol, METH_O, NULL},
+    {"tls_info", (PyCFunction)core_tls_info, METH_NOARGS,
+     "What the TLS handshake settled (a tuple), or None."},
+    {"tls_error", (PyCFunction)core_tls_error, METH_NOARGS,
+     "The connection's TLS failure (a tuple), or None."},
+    {"tls_shutdown_clean", (PyCFunction)core_tls_shutdown_clean, METH_NOARGS,
+     "Whether the close exchanged close_notify both ways."},
     {NULL, NULL, 0, NULL},
 };
 

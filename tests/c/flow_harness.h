@@ -16,6 +16,7 @@
 #include "io_threads/runtime.h"
 #include "transport/flow.h"
 #include "transport/listener.h"
+#include "transport/tls.h"
 
 #include <arpa/inet.h>
 #include <fcntl.h>
@@ -133,10 +134,16 @@ typedef struct harness {
     size_t peer_rx_at_eof;
     int peer_err;
 
+    /* A TLS flow's peer speaks TLS through this SSL (NULL: plain). */
+    SSL *peer_ssl;
+    bool peer_handshaken;
+    int peer_ssl_err;     /* a failure of the peer's SSL (SSL_get_error) */
+
     /* Completions. */
     int n_data, n_eof, n_read_error, n_write_error, n_drained, n_blocked, n_sendfile,
-        n_released, n_other;
-    int read_err, write_err, released_err, sendfile_err;
+        n_released, n_opened, n_other;
+    int read_err, write_err, released_err, sendfile_err, opened_err;
+    int data_before_opened;
     size_t sendfile_sent;
     uint64_t drained_flushed, released_flushed;
     int after_released;   /* completions after RELEASED */
@@ -170,24 +177,45 @@ H_FN void h_reading(harness *h, bool on)
     h_signal(h, MT_FLOW_READING);
 }
 
-/* The flow takes fd; both ends are made non-blocking. */
-H_FN void h_open_fds(harness *h, int fd, int peer)
+/* What every flow of the harness starts with: both ends non-blocking, a
+ * sink, nothing received or sent. */
+H_FN void h_init(harness *h, int fd, int peer, size_t in_chunk)
 {
     memset(h, 0, sizeof(*h));
     h->fd = fd;
     h->peer = peer;
-    h->in_chunk = 48 * 1024;
+    h->in_chunk = in_chunk;
     h->auto_credit = true;
     assert_int_equal(fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK), 0);
     assert_int_equal(fcntl(peer, F_SETFL, fcntl(peer, F_GETFL) | O_NONBLOCK), 0);
     h->sink = mt_sink_new();
     assert_non_null(h->sink);
+}
+
+/* The flow takes fd; both ends are made non-blocking. */
+H_FN void h_open_fds(harness *h, int fd, int peer)
+{
+    h_init(h, fd, peer, 48 * 1024);
     h->f = mt_flow_new(&mt_socket_fd_ops, NULL, h->sink, g_io, fd);
     assert_non_null(h->f);
     assert_int_equal(h->f->fd, fd);
     assert_int_equal(atomic_load(&h->f->fd_holds), 2);
     assert_int_equal(atomic_load(&h->f->rec.refs), 1);
     assert_int_equal(atomic_load(&h->sink->refs), 2);
+    h_signal(h, MT_FLOW_ATTACH);
+}
+
+/* A TLS flow around fd with `ssl` (which it takes), its peer speaking TLS
+ * through `peer_ssl` (freed by h_finish) in records of 16 KiB. */
+H_FN void h_open_tls(harness *h, int fd, int peer, SSL *ssl, SSL *peer_ssl)
+{
+    h_init(h, fd, peer, 16 * 1024);
+    mt_tls_flow *t = mt_tls_flow_new(ssl, NULL, h->sink, g_io, fd);
+    assert_non_null(t);
+    h->f = &t->flow;
+    h->peer_ssl = peer_ssl;
+    SSL_set_mode(peer_ssl, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+    assert_int_equal(SSL_set_fd(peer_ssl, peer), 1);
     h_signal(h, MT_FLOW_ATTACH);
 }
 
@@ -311,8 +339,14 @@ H_FN void h_handle(harness *h, mt_msg *d)
     if (h->released)
         h->after_released++;
     switch (d->op) {
+    case MT_FLOW_OPENED:
+        h->n_opened++;
+        h->opened_err = d->err;
+        break;
     case MT_FLOW_DATA: {
         h->n_data++;
+        if (h->peer_ssl != NULL && h->n_opened == 0)
+            h->data_before_opened++;
         if (h->n_eof || h->n_read_error)
             h->data_after_eof++;
         const uint8_t *p = mt_msg_data(d);
@@ -387,10 +421,65 @@ H_FN void h_drain_sink(harness *h)
     }
 }
 
+/* The peer's side of a TLS flow: handshake, then what h_peer_io does, in
+ * records. */
+H_FN void h_peer_tls_io(harness *h)
+{
+    SSL *ssl = h->peer_ssl;
+    if (h->peer_ssl_err)
+        return;
+    if (!h->peer_handshaken) {
+        int rc = SSL_do_handshake(ssl);
+        if (rc != 1) {
+            int e = SSL_get_error(ssl, rc);
+            if (e != SSL_ERROR_WANT_READ && e != SSL_ERROR_WANT_WRITE)
+                h->peer_ssl_err = e;
+            return;
+        }
+        h->peer_handshaken = true;
+    }
+    while (h->in_sent < h->in_len) {
+        size_t len = h->in_len - h->in_sent < h->in_chunk ? h->in_len - h->in_sent : h->in_chunk;
+        int n = SSL_write(ssl, h->in + h->in_sent, (int)len);
+        if (n > 0) {
+            h->in_sent += (size_t)n;
+            continue;
+        }
+        int e = SSL_get_error(ssl, n);
+        if (e != SSL_ERROR_WANT_READ && e != SSL_ERROR_WANT_WRITE)
+            h->peer_ssl_err = e;
+        break;
+    }
+    static uint8_t buf[64 * 1024];
+    while (h->peer_reading && !h->peer_eof && !h->peer_ssl_err) {
+        int n = SSL_read(ssl, buf, sizeof(buf));
+        if (n > 0) {
+            for (int i = 0; i < n; i++)
+                if (h->peer_rx + (size_t)i >= h->out_queued ||
+                    buf[i] != h->out[h->peer_rx + (size_t)i])
+                    h->peer_rx_bad++;
+            h->peer_rx += (size_t)n;
+            continue;
+        }
+        int e = SSL_get_error(ssl, n);
+        if (e == SSL_ERROR_ZERO_RETURN) {
+            h->peer_eof = true; /* close_notify */
+            h->peer_rx_at_eof = h->peer_rx;
+        } else if (e != SSL_ERROR_WANT_READ && e != SSL_ERROR_WANT_WRITE) {
+            h->peer_ssl_err = e;
+        }
+        break;
+    }
+}
+
 H_FN void h_peer_io(harness *h)
 {
     if (h->peer < 0)
         return;
+    if (h->peer_ssl != NULL) {
+        h_peer_tls_io(h);
+        return;
+    }
     while (h->in_sent < h->in_len) {
         size_t len = h->in_len - h->in_sent;
         if (len > h->in_chunk)
@@ -592,6 +681,8 @@ H_FN void h_finish(harness *h)
     sink_barrier(h->sink);
     assert_int_equal(atomic_load(&h->sink->refs), 1);
     mt_sink_decref(h->sink);
+    if (h->peer_ssl != NULL)
+        SSL_free(h->peer_ssl);
     if (h->peer >= 0)
         close(h->peer);
     free(h->in);
@@ -614,6 +705,8 @@ H_FN int h_teardown(void **state)
     mt_record_decref(&h->f->rec);
     sink_barrier(h->sink);
     mt_sink_decref(h->sink);
+    if (h->peer_ssl != NULL)
+        SSL_free(h->peer_ssl);
     if (h->peer >= 0)
         close(h->peer);
     free(h->in);
