@@ -453,6 +453,14 @@ class NativeSSLTransport(SocketTransport):
         # The I/O thread flushes the output, exchanges close_notify, then
         # releases the flow: connection_lost() comes with that.
         core.close()
+        if self._eof_told and core.get_write_buffer_size() == 0:
+            # The peer has ended the stream: all that is left is our own
+            # close_notify, which the I/O thread sends on its own.  asyncio's
+            # SSL protocol finishes at once here too, and connection_lost()
+            # comes on the next iteration.
+            core.conn_lost += 1
+            self._schedule_connection_lost(None)
+            return
         self._shutdown_timer = self._loop.call_later(self._shutdown_timeout,
                                                      self._mt_shutdown_timed_out)
 

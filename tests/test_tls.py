@@ -19,7 +19,6 @@ import struct
 import threading
 
 import pytest
-import trustme
 
 from netutil import pattern
 from tlsutil import (HOST, PAYLOAD, Collect, Echo, certs, close_both, echo_through,  # noqa: F401

@@ -276,8 +276,10 @@ static PyObject *cipher_tuple(const SSL_CIPHER *c)
 PyObject *mt_tls_core_info(mt_flow *f)
 {
     mt_tls_flow *t = mt_tls_flow_of(f);
-    if (t == NULL || t->flow.filter_phase == MT_FILTER_NONE || t->info.version == NULL)
-        Py_RETURN_NONE; /* OPENED not seen: the caller asks only after it */
+    /* Asked only once OPENED was dispatched: the snapshot is complete and
+     * immutable (before that, this would race the I/O thread). */
+    if (t == NULL || t->info.version == NULL)
+        Py_RETURN_NONE;
     const mt_tls_info *in = &t->info;
     PyObject *shared;
     if (in->n_shared < 0) {

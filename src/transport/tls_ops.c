@@ -272,7 +272,7 @@ static bool tls_has_input(mt_flow *f)
     mt_tls_flow *t = tls_of(f);
     if (t->end_pending)
         return true;
-    return t->ssl != NULL && !t->failed && (SSL_pending(t->ssl) > 0 || t->read_wants_write);
+    return t->ssl != NULL && !t->failed && (SSL_has_pending(t->ssl) || t->read_wants_write);
 }
 
 /* ---- the handshake and close_notify --------------------------------------- */
@@ -398,8 +398,7 @@ static int tls_close(mt_flow *f)
         if (t->peer_closed)
             return 0;
         bool eof = is_unclean_eof(e, sys_errno);
-        note_error(t, e, sys_errno, false);
-        t->error.eof = eof;
+        note_error(t, e, sys_errno, eof);
         errno = eof ? ECONNRESET : (e == SSL_ERROR_SYSCALL && sys_errno ? sys_errno : EPROTO);
         return -1;
     }
@@ -463,6 +462,11 @@ mt_tls_flow *mt_tls_flow_new(SSL *ssl, const struct mt_loop_ops *loop_ops, mt_si
     if (t == NULL)
         return NULL;
     t->ssl = ssl;
+    /* Read ahead: one read() takes every record the kernel has (without
+     * it, OpenSSL reads each record's header and body apart: two system
+     * calls a record).  What it reads beyond one record waits inside
+     * OpenSSL, which has_input reports. */
+    SSL_set_read_ahead(ssl, 1);
     /* A peer that closes TCP without close_notify ends the stream, as
      * asyncio's SSL protocol takes it, and gets no alert (OpenSSL 3 sends
      * a fatal one from SSL_read otherwise).  With the option such an EOF
