@@ -35,3 +35,18 @@ def test_bench_smoke(tmp_path):
     # the loop thread, the stock loop's none to speak of.
     assert echo["mtloop"]["median"]["cpu_us_per_req"] > echo["mtloop"]["median"]["loop_cpu_us_per_req"]
     assert "rps/uvloop" in proc.stdout or "protocol 1KiB x4" in proc.stdout
+
+
+def test_bench_tls_smoke(tmp_path):
+    """The TLS scenarios run: servers with a certificate made for the run, the
+    load generator speaking TLS, every echoed byte right."""
+    out = tmp_path / "tls.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "bench.py"), "--tls", "-k", "tls 1KiB x32",
+         "--repeat", "1", "--seconds", "0.3", "--loops", "asyncio,mtloop", "--json", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    echo = json.loads(out.read_text())["results"]["tls 1KiB x32"]
+    for loop in ("asyncio", "mtloop"):
+        runs = echo[loop]["runs"]
+        assert runs and all(r["errors"] == 0 and r["requests"] > 0 for r in runs)
