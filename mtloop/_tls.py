@@ -28,7 +28,7 @@ import ssl
 import sys
 import threading
 import time
-from asyncio import constants, exceptions, futures
+from asyncio import constants, exceptions
 from asyncio.log import logger
 from typing import Any
 
@@ -63,7 +63,10 @@ class _Proof:
                     f"not {sys.version_info[0]}.{sys.version_info[1]}")
         if sys.implementation.name != "cpython":
             return f"not CPython ({sys.implementation.name})"
-        reason = _mtloop.tls_check_libssl(_ssl.__file__, ssl.OPENSSL_VERSION_NUMBER)
+        ssl_file = getattr(_ssl, "__file__", None)
+        if ssl_file is None:
+            return "the ssl module is built into the interpreter (its libssl cannot be compared)"
+        reason = _mtloop.tls_check_libssl(ssl_file, ssl.OPENSSL_VERSION_NUMBER)
         if reason is not None:
             return reason
         # The SSL_CTX read from the object must hold what Python set.
@@ -142,26 +145,31 @@ def fallback_reason(loop: Any, sslcontext: Any) -> str | None:
     return None
 
 
+_counts_lock = threading.Lock()  # loops in several threads count here
+
+
 def count(reason: str | None) -> None:
     """Counts a connection on the path `fallback_reason` chose."""
-    if reason is None:
-        _counts["native"] += 1
-    else:
-        _counts["fallback"] += 1
-        reasons = _counts["fallback_reasons"]
-        reasons[reason] = reasons.get(reason, 0) + 1
+    with _counts_lock:
+        if reason is None:
+            _counts["native"] += 1
+        else:
+            _counts["fallback"] += 1
+            reasons = _counts["fallback_reasons"]
+            reasons[reason] = reasons.get(reason, 0) + 1
 
 
 def stats() -> dict[str, Any]:
     """How many TLS connections ran natively and how many fell back, and why."""
-    proof = _proof
-    return {
-        "available": proof is not None and proof.unavailable is None,
-        "unavailable_reason": proof.unavailable if proof is not None else None,
-        "native": _counts["native"],
-        "fallback": _counts["fallback"],
-        "fallback_reasons": dict(_counts["fallback_reasons"]),
-    }
+    proof = _get_proof()
+    with _counts_lock:
+        return {
+            "available": proof.unavailable is None,
+            "unavailable_reason": proof.unavailable,
+            "native": _counts["native"],
+            "fallback": _counts["fallback"],
+            "fallback_reasons": dict(_counts["fallback_reasons"]),
+        }
 
 
 def new_session(sslcontext: ssl.SSLContext, server_side: bool,

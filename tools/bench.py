@@ -29,7 +29,9 @@ buffers were mmap()ed afresh per read until its first connection closed.
 TLS scenarios (--tls) give every server the same certificate, made for the
 run by trustme, and the load generator speaks TLS without verifying it and
 without resuming sessions; the handshake scenario makes a connection per
-request.
+request.  The HTTPS scenario runs uvicorn (HTTP/1.1 with h11, a 13-byte
+response) on each loop under wrk over https (keep-alive), when wrk is on
+PATH; its p50/p99 are wrk's.
 
 A loop named mtloop:N runs mtloop with N I/O threads.  --clients K splits
 the connections over K load generators pinned to the last K CPUs (requests
@@ -89,6 +91,7 @@ class Scenario:
     idle: bool = False
     tls: bool = False
     reconnect: bool = False     # a connection (a TLS handshake) per request
+    http: bool = False          # an HTTP server (mode asgi) under wrk, not an echo
 
 
 QUICK = [
@@ -123,6 +126,7 @@ TLS = [
     Scenario("tls 64KiB x16", size=64 * 1024, connections=16, tls=True),
     Scenario("tls streams 1KiB x32", mode="streams", tls=True),
     Scenario("tls handshakes x8", connections=8, tls=True, reconnect=True),
+    Scenario("https uvicorn x32", mode="asgi", tls=True, http=True),
 ]
 SMOKE = [Scenario("protocol 1KiB x4", connections=4),
          Scenario("idle x50", connections=50, idle=True)]
@@ -433,6 +437,58 @@ def run_echo(binary: Path, loop: str, sc: Scenario, seconds: float,
             "server_cpu_share": (m1 - m0 + o1 - o0) / wall, "peak_rss_mib": peak / 1024}
 
 
+WRK_UNITS = {"us": 1.0, "ms": 1e3, "s": 1e6}
+
+
+def wrk(port: int, sc: Scenario, seconds: float, cpu: int | None) -> dict:
+    """One wrk run (one thread, sc.connections connections, keep-alive) over
+    https, parsed into the load generator's keys."""
+    cmd = ["wrk", "-t1", f"-c{sc.connections}", f"-d{max(1, round(seconds))}s", "--latency",
+           f"https://127.0.0.1:{port}/"]
+    if cpu is not None:
+        cmd = ["taskset", "-c", str(cpu)] + cmd
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    out = proc.stdout
+    if proc.returncode:
+        raise RuntimeError(f"wrk failed ({proc.returncode}): {proc.stderr.strip() or out}")
+    result: dict = {"errors": 0, "connections": sc.connections}
+    for line in out.splitlines():
+        words = line.split()
+        if line.startswith("Requests/sec:"):
+            result["rps"] = float(words[1])
+        elif "requests in" in line:
+            result["requests"] = int(words[0])
+        elif words and words[0] in ("50%", "99%") and len(words) == 2:
+            value = words[1]
+            unit = next(u for u in ("us", "ms", "s") if value.endswith(u))
+            key = "p50_us" if words[0] == "50%" else "p99_us"
+            result[key] = float(value[: -len(unit)]) * WRK_UNITS[unit]
+        elif line.strip().startswith(("Socket errors:", "Non-2xx")):
+            result["errors"] += sum(int(w.strip(",")) for w in words if w.strip(",").isdigit())
+    if "rps" not in result or "requests" not in result:
+        raise RuntimeError(f"cannot read wrk's output: {out!r}")
+    return result
+
+
+def run_http(loop: str, sc: Scenario, seconds: float, cpus: list[int | None]) -> dict:
+    server = Server(loop, sc)
+    try:
+        wrk(server.port, sc, 1, cpus[0])  # warm-up
+        m0, o0 = server.cpu()
+        t0 = time.monotonic()
+        r = wrk(server.port, sc, seconds, cpus[0])
+        wall = time.monotonic() - t0
+        m1, o1 = server.cpu()
+        peak = status_kib(server.pid, "VmHWM")
+    finally:
+        server.stop()
+    n = max(r["requests"], 1)
+    return {**r, "loop_cpu_us_per_req": (m1 - m0) / n * 1e6,
+            "other_cpu_us_per_req": (o1 - o0) / n * 1e6,
+            "cpu_us_per_req": (m1 - m0 + o1 - o0) / n * 1e6,
+            "server_cpu_share": (m1 - m0 + o1 - o0) / wall, "peak_rss_mib": peak / 1024}
+
+
 def run_idle(loop: str, sc: Scenario, seconds: float) -> dict:
     server = Server(loop, sc)
     socks: list[socket.socket] = []
@@ -669,6 +725,9 @@ def main() -> int:
                  TLS if args.tls else QUICK)
     if args.pattern:
         scenarios = [s for s in scenarios if args.pattern in s.name]
+    if any(sc.http for sc in scenarios) and shutil.which("wrk") is None:
+        log("bench: wrk is not on PATH; the HTTPS scenario is left out")
+        scenarios = [s for s in scenarios if not s.http]
     repeat = args.repeat or (1 if args.smoke else 5)
     seconds = args.seconds or (0.5 if args.smoke else 1.0 if not args.full else 2.0)
     wanted = args.loops.split(",")
@@ -704,6 +763,7 @@ def main() -> int:
                 done += 1
                 try:
                     r = (run_idle(loop, sc, seconds) if sc.idle
+                         else run_http(loop, sc, seconds, client_cpus) if sc.http
                          else run_echo(binary, loop, sc, seconds, client_cpus))
                 except Exception as exc:  # a failing loop must not hide the others
                     log(f"[{done}/{total}] {sc.name} {loop}: FAILED: {exc}")

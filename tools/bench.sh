@@ -8,5 +8,6 @@ set -euo pipefail
 . "$(dirname "$0")/env.sh"
 cd "$MT_ROOT"
 mt_setup_system
+mt_setup_bench
 venv=$(mt_venv "$(mt_pythons | sed -n 1p)")
 exec "$venv/bin/python" tools/bench.py "$@"

@@ -6,7 +6,9 @@
 
 Loops: asyncio (the stock loop), uvloop, rloop, mtloop.  Modes: protocol
 (asyncio.Protocol), buffered (asyncio.BufferedProtocol), streams
-(asyncio.start_server), sock (loop.sock_accept/sock_recv/sock_sendall).
+(asyncio.start_server), sock (loop.sock_accept/sock_recv/sock_sendall),
+asgi (uvicorn serving a small ASGI app over HTTP/1.1 with h11, on the loop;
+not an echo server: for an HTTP client such as wrk).
 With --work-us the server frames the byte stream into --size messages and
 spends that many microseconds of pure-Python work on each before echoing
 it (the "heavy handler" scenario); otherwise it echoes bytes as they come.
@@ -99,11 +101,39 @@ class EchoBufferedProtocol(asyncio.BufferedProtocol):
         self.framer.feed(bytes(self.view[:nbytes]))
 
 
+async def hello_app(scope: dict, receive: Any, send: Any) -> None:
+    """The ASGI app of --mode asgi: a fixed 13-byte body."""
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/plain"), (b"content-length", b"13")]})
+    await send({"type": "http.response.body", "body": b"Hello, world!"})
+
+
+async def serve_asgi(args: argparse.Namespace, sock: socket.socket, where: str) -> None:
+    """uvicorn on the running loop (whatever its kind), on `sock`."""
+    import uvicorn
+    config = uvicorn.Config(hello_app, http="h11", lifespan="off", log_level="warning",
+                            access_log=False, ssl_certfile=args.tls_cert,
+                            ssl_keyfile=args.tls_key)
+    server = uvicorn.Server(config)
+    task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        if task.done():
+            task.result()
+            raise SystemExit("bench_server: uvicorn did not start")
+        await asyncio.sleep(0.01)
+    origin = getattr(sys.modules.get(args.loop), "__file__", None) or "-"
+    print(f"READY {where} {origin}", flush=True)
+    await task  # uvicorn handles SIGTERM and SIGINT itself
+
+
 async def serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     stop = loop.create_future()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+    if args.mode != "asgi":  # uvicorn installs its own
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
     if args.unix:
         if os.path.exists(args.unix):
             os.unlink(args.unix)
@@ -116,6 +146,9 @@ async def serve(args: argparse.Namespace) -> None:
         sock.bind(("127.0.0.1", args.port))
         where = str(sock.getsockname()[1])
     sock.setblocking(False)
+    if args.mode == "asgi":
+        await serve_asgi(args, sock, where)
+        return
     sslctx = None
     if args.tls_cert:
         if args.mode == "sock":
@@ -190,7 +223,7 @@ def main() -> None:
     parser.add_argument("--loop", required=True,
                         choices=("asyncio", "uvloop", "rloop", "mtloop"))
     parser.add_argument("--mode", default="protocol",
-                        choices=("protocol", "buffered", "streams", "sock"))
+                        choices=("protocol", "buffered", "streams", "sock", "asgi"))
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--work-us", type=float, default=0.0)
     parser.add_argument("--port", type=int, default=0)

@@ -1,6 +1,7 @@
 # Shared set-up for the project's commands; sourced, not run.
 #
 # mt_setup_system   installs the Debian packages the build needs (once)
+# mt_setup_bench    installs what only the benchmark needs (wrk)
 # mt_pythons        prints the interpreters of each supported Python found
 # mt_venv_has_packages V / mt_venv_install_packages V: the Python packages in venv V
 # mt_venv PY        creates/refreshes .venv-X.Y for PY and builds mtloop in it;
@@ -9,7 +10,7 @@
 
 MT_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 MT_SUPPORTED="3.11 3.12 3.13"
-MT_PY_PACKAGES="scikit-build-core>=0.8 cmake>=3.18 ninja pytest>=7 uvloop>=0.19 trustme matplotlib"
+MT_PY_PACKAGES="scikit-build-core>=0.8 cmake>=3.18 ninja pytest>=7 uvloop>=0.19 trustme matplotlib uvicorn"
 
 mt_log() { printf '[mtloop] %s\n' "$*" >&2; }
 
@@ -35,6 +36,16 @@ mt_setup_system() {
   fi
 }
 
+# What only the benchmark needs: wrk, the HTTP client of its HTTPS scenario.
+mt_setup_bench() {
+  command -v wrk >/dev/null 2>&1 && return 0
+  mt_log "installing system packages: wrk"
+  local sudo=""
+  [ "$(id -u)" = 0 ] || sudo=sudo
+  $sudo apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq wrk >&2
+}
+
 # One interpreter per supported version: on PATH, else under pyenv.
 mt_pythons() {
   local v py
@@ -53,7 +64,7 @@ mt_pythons() {
 
 # Whether the venv V has every package of MT_PY_PACKAGES; installs them.
 mt_venv_has_packages() {
-  "$1/bin/python" -c 'import scikit_build_core, pytest, uvloop, trustme, ninja, cmake, matplotlib' \
+  "$1/bin/python" -c 'import scikit_build_core, pytest, uvloop, trustme, ninja, cmake, matplotlib, uvicorn' \
     >/dev/null 2>&1
 }
 
