@@ -571,3 +571,46 @@ def test_handshake_bound_is_checked():
     with pytest.raises(ValueError):
         c_module.tls_max_handshakes(0)
     assert c_module.tls_max_handshakes() >= 1
+
+
+def test_post_handshake_client_auth_as_the_stock_loop(loop, run, certs):
+    """TLS 1.3 post-handshake authentication: once the connection is open the
+    server asks for the client's certificate.  The request arrives with data
+    the client reads, and the answer must go out from inside that read (on
+    mtloop, from the I/O thread's SSL_read)."""
+
+    async def attempt(lp):
+        lsock = listener()
+        seen = {}
+
+        sctx = certs.server()
+        sctx.verify_mode = ssl.CERT_OPTIONAL
+        sctx.post_handshake_auth = True
+        certs.ca.configure_trust(sctx)
+
+        def body(tls):
+            seen["before"] = tls.getpeercert()
+            tls.verify_client_post_handshake()
+            tls.sendall(b"hi")  # carries the certificate request
+            seen["reply"] = tls.recv(2)  # processes the client's certificate first
+            seen["after"] = (tls.getpeercert() or {}).get("subjectAltName")
+
+        thread, errors = peer_thread(lsock, sctx, body)
+        try:
+            cctx = certs.client(cert=True)
+            cctx.post_handshake_auth = True
+            p = Collect(lp, 2)
+            t, _ = await lp.create_connection(lambda: p, *lsock.getsockname(), ssl=cctx,
+                                              server_hostname=HOST)
+            assert await asyncio.wait_for(p.done, 10) == b"hi"
+            t.write(b"ok")
+            await lp.run_in_executor(None, thread.join, 10)
+            t.close()
+            await asyncio.wait_for(p.lost, 10)
+            return seen, [repr(e) for e in errors]
+        finally:
+            lsock.close()
+
+    got = run(attempt(loop))
+    assert got == on_stock_loop(attempt)
+    assert got[0]["before"] is None and got[0]["after"] == (("DNS", "client.example"),)

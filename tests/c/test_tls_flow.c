@@ -2,8 +2,8 @@
  * thread, against a peer speaking TLS through OpenSSL on the test thread:
  * the handshake as the filter's opening (OPENED before any data), data
  * both ways across many records, input OpenSSL holds when read credit runs
- * out, close_notify as the filter's closing, a handshake that fails, and
- * an abort mid-handshake.  The certificate is made here, in memory. */
+ * out, a KeyUpdate mid-stream, close_notify as the filter's closing, a
+ * handshake that fails, and an abort mid-handshake.  The certificate is made here, in memory. */
 #include "flow_harness.h"
 
 #include <openssl/err.h>
@@ -164,6 +164,31 @@ static void tls_close_sends_close_notify(void **state)
     h_finish(h);
 }
 
+/* A post-handshake message mid-stream (TLS 1.3 KeyUpdate, the peer asking
+ * for one back): the flow's reads take it in stride, its answer goes out
+ * with its next write, and data keeps flowing both ways, intact. */
+static void tls_key_update_mid_stream(void **state)
+{
+    (void)state;
+    harness *h = &g_h;
+    open_tls(h);
+    h_reading(h, true);
+    h->peer_reading = true;
+    h_write_many(h, 256 * 1024, 16 * 1024, 4);
+    assert_true(h_run(h, peer_rx_all, WAIT_MS));
+    assert_int_equal(SSL_version(h->peer_ssl), TLS1_3_VERSION);
+    assert_int_equal(SSL_key_update(h->peer_ssl, SSL_KEY_UPDATE_REQUESTED), 1);
+    h_set_in(h, 1024 * 1024, 21); /* the update goes out before this data */
+    assert_true(h_run(h, rx_all, WAIT_MS));
+    h_write_many(h, 256 * 1024, 16 * 1024, 5);
+    assert_true(h_run(h, peer_rx_all, WAIT_MS));
+    assert_int_equal(h->rx_bad, 0);
+    assert_int_equal(h->peer_rx_bad, 0);
+    assert_int_equal(h->peer_ssl_err, 0);
+    assert_int_equal(h->n_read_error + h->n_write_error, 0);
+    h_finish(h);
+}
+
 /* The peer's close_notify: EOF for the loop, after the data before it. */
 static void tls_peer_close_notify_is_eof(void **state)
 {
@@ -231,6 +256,7 @@ int main(void)
         cmocka_unit_test_teardown(tls_input_held_by_openssl_arrives, h_teardown),
         cmocka_unit_test_teardown(tls_close_sends_close_notify, h_teardown),
         cmocka_unit_test_teardown(tls_peer_close_notify_is_eof, h_teardown),
+        cmocka_unit_test_teardown(tls_key_update_mid_stream, h_teardown),
         cmocka_unit_test_teardown(tls_handshake_failure, h_teardown),
         cmocka_unit_test_teardown(tls_abort_mid_handshake, h_teardown),
     };
