@@ -16,8 +16,9 @@ A connection falls back, silently and correctly, to asyncio's own SSL
 protocol over an mtloop transport (mtloop._streams) when the native path
 cannot honour its context: callbacks that call into Python with CPython's
 own socket object (sni_callback, keylog_filename, the message callback, the
-PSK callbacks of 3.13), an SSLObject subclass, or a process where the proof
-failed.  `stats()` counts both paths and the reasons.
+PSK callbacks of 3.13), an SSLObject subclass, a context class that
+overrides wrap_bio() (truststore's checks the peer there), or a process
+where the proof failed.  `stats()` counts both paths and the reasons.
 """
 
 from __future__ import annotations
@@ -139,6 +140,10 @@ def fallback_reason(loop: Any, sslcontext: Any) -> str | None:
         return "a message callback is set"
     if sslcontext.sslobject_class is not ssl.SSLObject:
         return "sslobject_class is not ssl.SSLObject"
+    if type(sslcontext).wrap_bio is not ssl.SSLContext.wrap_bio:
+        # The class takes part in every connection (truststore's context
+        # verifies the peer against the OS store there): it must be called.
+        return "the context's class overrides wrap_bio()"
     for offset in proof.psk_offsets:
         if _mtloop.tls_ref_set(sslcontext, offset):
             return "PSK callbacks are set"

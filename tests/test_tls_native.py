@@ -507,6 +507,23 @@ def test_sslobject_subclass_falls_back(certs):
     assert kinds == ("Mine", "NativeSSLObject")
 
 
+def test_context_class_overriding_wrap_bio_falls_back_and_is_called(certs):
+    """A context class that takes part in each connection through wrap_bio()
+    (truststore's verifies the peer there) keeps doing so."""
+    calls = []
+
+    class Checking(ssl.SSLContext):
+        def wrap_bio(self, *args, **kwargs):
+            calls.append(kwargs.get("server_hostname"))
+            return super().wrap_bio(*args, **kwargs)
+
+    cctx = Checking(ssl.PROTOCOL_TLS_CLIENT)
+    certs.ca.configure_trust(cctx)
+    native, reasons, kinds = _count_paths(lambda: _echo_once(certs.server(), cctx))
+    assert (native, reasons) == (1, {"the context's class overrides wrap_bio()": 1})
+    assert calls == [HOST]
+
+
 @pytest.mark.skipif(sys.version_info < (3, 13), reason="PSK callbacks are new in Python 3.13")
 def test_psk_callbacks_fall_back_and_work():
     """A PSK-only connection: it works only if the callbacks run, so the
