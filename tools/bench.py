@@ -67,6 +67,7 @@ import platform
 import resource
 import shutil
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -127,6 +128,7 @@ TLS = [
     Scenario("tls streams 1KiB x32", mode="streams", tls=True),
     Scenario("tls handshakes x8", connections=8, tls=True, reconnect=True),
     Scenario("https uvicorn x32", mode="asgi", tls=True, http=True),
+    Scenario("tls idle x1000", connections=1000, idle=True, tls=True),
 ]
 SMOKE = [Scenario("protocol 1KiB x4", connections=4),
          Scenario("idle x50", connections=50, idle=True)]
@@ -492,12 +494,21 @@ def run_http(loop: str, sc: Scenario, seconds: float, cpus: list[int | None]) ->
 def run_idle(loop: str, sc: Scenario, seconds: float) -> dict:
     server = Server(loop, sc)
     socks: list[socket.socket] = []
+    client_ctx = None
+    if sc.tls:  # the handshake done and one echo each: the connection is in use
+        client_ctx = ssl.create_default_context()
+        client_ctx.check_hostname = False
+        client_ctx.verify_mode = ssl.CERT_NONE
     try:
         time.sleep(0.2)
         base = status_kib(server.pid, "VmRSS")
         for _ in range(sc.connections):
             s = socket.socket()
             s.connect(("127.0.0.1", server.port))
+            if client_ctx is not None:
+                s = client_ctx.wrap_socket(s)
+                s.sendall(b"x")
+                s.recv(1)
             socks.append(s)
         time.sleep(1.0)  # let the server accept and settle
         rss = status_kib(server.pid, "VmRSS")
