@@ -2,13 +2,15 @@
 the same test: what a failure raises (type and the ssl module's
 attributes), what ssl_object and the extra info answer, the order of
 protocol events when the peer ends the connection cleanly or not, the
-output flushed before close_notify, and closing a loop mid-handshake.
+output flushed before close_notify, post-handshake client authentication,
+and a connect cancelled mid-handshake.
 Over asyncio, uvloop, mtloop (native TLS) and mtloop-fallback.
 
 Then mtloop's own: which connections run natively, which fall back (a
 context whose callbacks call Python: sni_callback, keylog_filename, the
-message callback, PSK callbacks, an SSLObject subclass), that those
-callbacks do run, and mtloop.tls_stats() counting both paths.
+message callback, PSK callbacks, an SSLObject subclass, a class that
+overrides wrap_bio()), that those callbacks do run, mtloop.tls_stats()
+counting both paths, and the bound on server handshakes.
 """
 
 import asyncio

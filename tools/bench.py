@@ -74,6 +74,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVER = ROOT / "tools" / "bench_server.py"
@@ -419,14 +420,15 @@ def loadgen(binary: Path, port: int, sc: Scenario, seconds: float,
     return merged
 
 
-def run_echo(binary: Path, loop: str, sc: Scenario, seconds: float,
-             cpu: list[int | None]) -> dict:
-    server = Server(loop, sc)
+def measure(server: Server, drive: Any, seconds: float) -> dict:
+    """drive(seconds) once to warm the server up, then once measured: its
+    report plus the server's CPU per request (loop thread, other threads)
+    and peak RSS.  Stops the server."""
     try:
-        loadgen(binary, server.port, sc, min(0.3, seconds / 3), cpu)  # warm-up
+        drive(min(0.3, seconds / 3))
         m0, o0 = server.cpu()
         t0 = time.monotonic()
-        r = loadgen(binary, server.port, sc, seconds, cpu)
+        r = drive(seconds)
         wall = time.monotonic() - t0
         m1, o1 = server.cpu()
         peak = status_kib(server.pid, "VmHWM")
@@ -437,6 +439,12 @@ def run_echo(binary: Path, loop: str, sc: Scenario, seconds: float,
             "other_cpu_us_per_req": (o1 - o0) / n * 1e6,
             "cpu_us_per_req": (m1 - m0 + o1 - o0) / n * 1e6,
             "server_cpu_share": (m1 - m0 + o1 - o0) / wall, "peak_rss_mib": peak / 1024}
+
+
+def run_echo(binary: Path, loop: str, sc: Scenario, seconds: float,
+             cpu: list[int | None]) -> dict:
+    server = Server(loop, sc)
+    return measure(server, lambda s: loadgen(binary, server.port, sc, s, cpu), seconds)
 
 
 WRK_UNITS = {"us": 1.0, "ms": 1e3, "s": 1e6}
@@ -474,21 +482,7 @@ def wrk(port: int, sc: Scenario, seconds: float, cpu: int | None) -> dict:
 
 def run_http(loop: str, sc: Scenario, seconds: float, cpus: list[int | None]) -> dict:
     server = Server(loop, sc)
-    try:
-        wrk(server.port, sc, 1, cpus[0])  # warm-up
-        m0, o0 = server.cpu()
-        t0 = time.monotonic()
-        r = wrk(server.port, sc, seconds, cpus[0])
-        wall = time.monotonic() - t0
-        m1, o1 = server.cpu()
-        peak = status_kib(server.pid, "VmHWM")
-    finally:
-        server.stop()
-    n = max(r["requests"], 1)
-    return {**r, "loop_cpu_us_per_req": (m1 - m0) / n * 1e6,
-            "other_cpu_us_per_req": (o1 - o0) / n * 1e6,
-            "cpu_us_per_req": (m1 - m0 + o1 - o0) / n * 1e6,
-            "server_cpu_share": (m1 - m0 + o1 - o0) / wall, "peak_rss_mib": peak / 1024}
+    return measure(server, lambda s: wrk(server.port, sc, s, cpus[0]), seconds)
 
 
 def run_idle(loop: str, sc: Scenario, seconds: float) -> dict:

@@ -30,6 +30,12 @@ static bool filter_busy(const mt_flow *f)
     return f->filter_phase == MT_FILTER_OPENING || f->filter_phase == MT_FILTER_CLOSING;
 }
 
+/* Input a filter holds that no readiness event will announce (flow.h). */
+static bool filter_has_input(mt_flow *f)
+{
+    return f->fd_ops->has_input != NULL && f->fd_ops->has_input(f);
+}
+
 static bool reading_wanted(mt_flow *f)
 {
     return atomic_load_explicit(&f->want_read, memory_order_relaxed) && !f->starved &&
@@ -331,7 +337,7 @@ static void run_filter(mt_io_thread *io, mt_flow *f)
     f->filter_phase = MT_FILTER_OPEN;
     update_interest(io, f);
     pump_output(io, f); /* what was queued meanwhile */
-    if (!f->closed && f->fd_ops->has_input && reading_wanted(f) && f->fd_ops->has_input(f))
+    if (!f->closed && reading_wanted(f) && filter_has_input(f))
         on_readable(io, f);
 }
 
@@ -374,7 +380,7 @@ static void on_readable(mt_io_thread *io, mt_flow *f)
                 f->read_on = MT_IO_READ;
                 update_interest(io, f);
             }
-            if ((size_t)n < MT_READ_MAX && !(f->fd_ops->has_input && f->fd_ops->has_input(f)))
+            if ((size_t)n < MT_READ_MAX && !filter_has_input(f))
                 return;
             continue;
         }
@@ -399,7 +405,7 @@ static void on_readable(mt_io_thread *io, mt_flow *f)
         return;
     }
     /* Out of rounds: input a filter holds gets no readiness event. */
-    if (f->fd_ops->has_input && f->fd_ops->has_input(f))
+    if (filter_has_input(f))
         mt_record_mark_dirty(io, &f->rec);
 }
 
@@ -554,7 +560,7 @@ static void flow_service(mt_io_thread *io, mt_record *rec, uint32_t control)
     else if (f->out_head != NULL)
         check_blocked(io, f); /* more output behind a full fd */
     /* Input a filter already holds raises no readiness event. */
-    if (!f->closed && f->fd_ops->has_input && reading_wanted(f) && f->fd_ops->has_input(f))
+    if (!f->closed && reading_wanted(f) && filter_has_input(f))
         on_readable(io, f);
 }
 

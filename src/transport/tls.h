@@ -69,7 +69,6 @@ typedef struct mt_tls_flow {
                                            waiting to write */
     bool end_pending;                   /* a read returned data, then met the end or
                                            a failure: the next read reports it */
-    bool shutdown_sent;
 
     /* Written by the I/O thread before the completion that reports them
      * (OPENED; READ_ERROR or WRITE_ERROR with EPROTO; RELEASED after the

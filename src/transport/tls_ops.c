@@ -402,8 +402,7 @@ static int tls_close(mt_flow *f)
             t->shutdown_clean = true;
             return 0;
         }
-        if (rc == 0) {
-            t->shutdown_sent = true;
+        if (rc == 0) { /* ours is sent */
             if (t->peer_closed)
                 return 0;
             continue; /* now wait for the peer's */

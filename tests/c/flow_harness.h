@@ -646,6 +646,19 @@ H_FN void h_drop_fd(harness *h)
     }
 }
 
+/* The peer's end and the buffers, once the flow and the sink are gone. */
+H_FN void h_free_rest(harness *h)
+{
+    if (h->peer_ssl != NULL)
+        SSL_free(h->peer_ssl);
+    if (h->peer >= 0)
+        close(h->peer);
+    free(h->in);
+    free(h->out);
+    free(h->held);
+    memset(h, 0, sizeof(*h));
+}
+
 /* Ends the flow (ABORT unless released already), checks the bookkeeping
  * every test shares, lets go of the fd (which closes it: the I/O thread
  * let go first) and frees everything. */
@@ -681,14 +694,7 @@ H_FN void h_finish(harness *h)
     sink_barrier(h->sink);
     assert_int_equal(atomic_load(&h->sink->refs), 1);
     mt_sink_decref(h->sink);
-    if (h->peer_ssl != NULL)
-        SSL_free(h->peer_ssl);
-    if (h->peer >= 0)
-        close(h->peer);
-    free(h->in);
-    free(h->out);
-    free(h->held);
-    memset(h, 0, sizeof(*h));
+    h_free_rest(h);
 }
 
 /* After a failure: abort the flow and free what can be freed. */
@@ -705,14 +711,7 @@ H_FN int h_teardown(void **state)
     mt_record_decref(&h->f->rec);
     sink_barrier(h->sink);
     mt_sink_decref(h->sink);
-    if (h->peer_ssl != NULL)
-        SSL_free(h->peer_ssl);
-    if (h->peer >= 0)
-        close(h->peer);
-    free(h->in);
-    free(h->out);
-    free(h->held);
-    memset(h, 0, sizeof(*h));
+    h_free_rest(h);
     return 0;
 }
 
