@@ -8,16 +8,18 @@ from asyncio.log import logger
 from typing import Any
 
 from . import _mtloop
+from ._pipes import PipeMethods
 from ._signals import SignalMethods
 from ._sock import SocketMethods
 from ._streams import StreamMethods
+from ._subprocess import SubprocessMethods
 from ._unix import UnixSocketMethods
 
 __all__ = ["Loop"]
 
 
 class Loop(_mtloop.LoopCore, SignalMethods, SocketMethods, StreamMethods, UnixSocketMethods,
-           asyncio.BaseEventLoop):
+           PipeMethods, SubprocessMethods, asyncio.BaseEventLoop):
     """An asyncio event loop whose run loop, handles, timers and fd watchers
     are in C (mtloop._mtloop.LoopCore).
 
@@ -45,6 +47,7 @@ class Loop(_mtloop.LoopCore, SignalMethods, SocketMethods, StreamMethods, UnixSo
         self._signal_handlers = {}
         self._mt_signal_socks = None
         self._mt_listeners = {}
+        self._mt_children = {}
 
     def run_forever(self) -> None:
         restore = self._mt_install_wakeup_fd() if not self.is_running() else None
@@ -64,6 +67,7 @@ class Loop(_mtloop.LoopCore, SignalMethods, SocketMethods, StreamMethods, UnixSo
         # other record of the loop.
         self._mt_listeners = {}
         super().close()
+        self._mt_close_children()
         self._mt_close_signal_socket()
         self._core_close()
 

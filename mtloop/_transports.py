@@ -62,13 +62,14 @@ class FlowTransport(transports._FlowControlMixin, transports.Transport):
     _low_water = _core_flag("low_water", "Low-water mark of the write buffer.")
 
     def _mt_open(self, loop: Any, fd: int, protocol: Any, dup: bool,
-                 extra: dict | None, tls: Any = None) -> None:
+                 extra: dict | None, tls: Any = None, kind: str = "socket") -> None:
         """Makes the C core (from here on the record owns `fd`, or a copy
         of it when `dup`) and the asyncio base.  `tls`: a session from
-        mtloop._tls.new_session() makes the flow a native TLS one."""
+        mtloop._tls.new_session() makes the flow a native TLS one.  `kind`:
+        the fd operations, "socket", "read-pipe" or "write-pipe"."""
         self._lost_scheduled = False
         if tls is None:
-            self._core = _mtloop.StreamCore(loop, fd, self, protocol, dup)
+            self._core = _mtloop.StreamCore(loop, fd, self, protocol, dup, kind=kind)
         else:
             self._core = _mtloop.StreamCore(loop, fd, self, protocol, dup, tls)
         super().__init__(extra, loop)
@@ -82,10 +83,11 @@ class FlowTransport(transports._FlowControlMixin, transports.Transport):
             core.abort()
             core.release()
 
-    def _mt_start(self, protocol: Any, waiter: Any) -> None:
+    def _mt_start(self, protocol: Any, waiter: Any, read: bool = True) -> None:
         self._loop.call_soon(protocol.connection_made, self)
         # Reading starts only after connection_made(), as asyncio orders it.
-        self._loop.call_soon(self._core.start_reading)
+        if read:
+            self._loop.call_soon(self._core.start_reading)
         if waiter is not None:
             self._loop.call_soon(futures._set_result_unless_cancelled, waiter, None)
 

@@ -6,6 +6,7 @@
     python tools/bench.py --targets       # the scenarios issue #4 sets targets for
     python tools/bench.py --scaling       # mtloop with 1, 2, 4, 8 I/O threads (many cores)
     python tools/bench.py --tls           # TLS echo and handshakes (issue #10)
+    python tools/bench.py --procs         # pipes through cat, a spawn burst (issue #11)
     python tools/bench.py --baseline 88cf932   # the working tree against a commit, one run
 
 For each scenario, each loop's echo server (tools/bench_server.py, one
@@ -32,6 +33,13 @@ without resuming sessions; the handshake scenario makes a connection per
 request.  The HTTPS scenario runs uvicorn (HTTP/1.1 with h11, a 13-byte
 response) on each loop under wrk over https (keep-alive), when wrk is on
 PATH; its p50/p99 are wrk's.
+
+Subprocess scenarios (--procs) run their workload inside the server
+process (tools/bench_server.py --mode pipe|spawn): a "request" there is a
+MiB pushed through a `cat` child and read back, or a child spawned and
+waited for; p50/p99 are the loop's stalls (gaps between the wakeups of a
+task sleeping 1 ms), and the largest gap is reported too.  CPU is the
+server process's own (its children's is not counted).
 
 A loop named mtloop:N runs mtloop with N I/O threads.  --clients K splits
 the connections over K load generators pinned to the last K CPUs (requests
@@ -94,6 +102,7 @@ class Scenario:
     tls: bool = False
     reconnect: bool = False     # a connection (a TLS handshake) per request
     http: bool = False          # an HTTP server (mode asgi) under wrk, not an echo
+    proc: bool = False          # a subprocess workload run by the server (mode pipe, spawn)
 
 
 QUICK = [
@@ -131,6 +140,12 @@ TLS = [
     Scenario("https uvicorn x32", mode="asgi", tls=True, http=True),
     Scenario("tls idle x1000", connections=1000, idle=True, tls=True),
 ]
+# Issue #11: a "request" is a MiB through `cat` (pipe) or a child (spawn).
+PROCS = [
+    Scenario("pipe through cat", mode="pipe", proc=True),
+    Scenario("spawn burst x500", mode="spawn", size=500, proc=True),
+]
+UNITS = {"pipe": "MiB", "spawn": "children"}  # what a "request" is, by mode
 SMOKE = [Scenario("protocol 1KiB x4", connections=4),
          Scenario("idle x50", connections=50, idle=True)]
 
@@ -354,6 +369,7 @@ class Server:
         cpus = Server.cpus
         self.proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, text=True, env=env,
+            stdin=subprocess.PIPE if sc.proc else None,
             preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
         line = self.proc.stdout.readline()  # type: ignore[union-attr]
         if not line.startswith("READY"):
@@ -368,6 +384,16 @@ class Server:
             self.stop()
             raise RuntimeError(f"{loop} server imported {self.origin or 'an unknown mtloop'}, "
                                f"not the baseline in {site}")
+
+    def run(self, seconds: float) -> dict:
+        """A pipe or spawn server's workload, once (tools/bench_server.py)."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(f"RUN {seconds}\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the server ended during its workload")
+        return json.loads(line)
 
     def cpu(self) -> tuple[float, float]:
         """(loop thread, other threads) CPU seconds so far."""
@@ -485,6 +511,11 @@ def run_http(loop: str, sc: Scenario, seconds: float, cpus: list[int | None]) ->
     return measure(server, lambda s: wrk(server.port, sc, s, cpus[0]), seconds)
 
 
+def run_proc(loop: str, sc: Scenario, seconds: float) -> dict:
+    server = Server(loop, sc)
+    return measure(server, server.run, seconds)
+
+
 def run_idle(loop: str, sc: Scenario, seconds: float) -> dict:
     server = Server(loop, sc)
     socks: list[socket.socket] = []
@@ -522,6 +553,15 @@ def run_idle(loop: str, sc: Scenario, seconds: float) -> dict:
 
 ECHO_KEYS = ("rps", "p50_us", "p99_us", "loop_cpu_us_per_req", "cpu_us_per_req", "peak_rss_mib")
 IDLE_KEYS = ("rss_per_conn_kib", "idle_cpu_pct")
+PROC_KEYS = ECHO_KEYS + ("max_gap_us",)
+
+
+def keys_of(sc_or_median: Any) -> tuple[str, ...]:
+    if isinstance(sc_or_median, Scenario):
+        return IDLE_KEYS if sc_or_median.idle else PROC_KEYS if sc_or_median.proc else ECHO_KEYS
+    med = sc_or_median
+    return (IDLE_KEYS if "rss_per_conn_kib" in med else
+            PROC_KEYS if "max_gap_us" in med else ECHO_KEYS)
 
 
 def medians(runs: list[dict], keys: tuple[str, ...]) -> dict[str, float]:
@@ -555,8 +595,8 @@ def report(results: dict[str, dict[str, dict]], loops: list[str]) -> str:
     width = max([8] + [len(lp) for lp in loops])
     pairs = baseline_pairs(loops)
     for name, per_loop in results.items():
-        idle = "rss_per_conn_kib" in next(iter(per_loop.values()))["median"]
-        keys = IDLE_KEYS if idle else ECHO_KEYS
+        keys = keys_of(next(iter(per_loop.values()))["median"])
+        idle = keys is IDLE_KEYS
         lines.append(f"\n{name}")
         head = f"  {'loop':{width}}" + "".join(f"{k:>22}" for k in keys)
         if not idle:
@@ -680,6 +720,8 @@ def main() -> int:
                        help="the scenarios issue #4 sets targets for")
     group.add_argument("--tls", action="store_true",
                        help="TLS echo and handshake scenarios (issue #10)")
+    group.add_argument("--procs", action="store_true",
+                       help="pipe throughput through cat and a spawn burst (issue #11)")
     group.add_argument("--scaling", action="store_true",
                        help="mtloop with 1, 2, 4 and 8 I/O threads beside asyncio and uvloop "
                             "(for a machine with many cores; use with --clients)")
@@ -727,7 +769,7 @@ def main() -> int:
         Server.cpus = parse_cpus(args.server_cpus)
     scenarios = (FULL if args.full else SMOKE if args.smoke else
                  SCALING if args.scaling else TARGETS if args.targets else
-                 TLS if args.tls else QUICK)
+                 TLS if args.tls else PROCS if args.procs else QUICK)
     if args.pattern:
         scenarios = [s for s in scenarios if args.pattern in s.name]
     if any(sc.http for sc in scenarios) and shutil.which("wrk") is None:
@@ -768,6 +810,7 @@ def main() -> int:
                 done += 1
                 try:
                     r = (run_idle(loop, sc, seconds) if sc.idle
+                         else run_proc(loop, sc, seconds) if sc.proc
                          else run_http(loop, sc, seconds, client_cpus) if sc.http
                          else run_echo(binary, loop, sc, seconds, client_cpus))
                 except Exception as exc:  # a failing loop must not hide the others
@@ -776,9 +819,10 @@ def main() -> int:
                 runs[loop].append(r)
                 summary = (f"{r['rss_per_conn_kib']:.1f} KiB/conn, {r['idle_cpu_pct']:.2f}% CPU"
                            if sc.idle else
-                           f"{r['rps']:,.0f} req/s, p99 {r['p99_us']:.0f} us, errors {r['errors']}")
+                           f"{r['rps']:,.0f} {UNITS.get(sc.mode, 'req')}/s, "
+                           f"p99 {r['p99_us']:.0f} us, errors {r['errors']}")
                 log(f"[{done}/{total}] {sc.name} {loop}: {summary}")
-        keys = IDLE_KEYS if sc.idle else ECHO_KEYS
+        keys = keys_of(sc)
         results[sc.name] = {loop: {"median": medians(rs, keys), "runs": rs}
                             for loop, rs in runs.items() if rs}
 

@@ -17,6 +17,15 @@ With --tls-cert it serves TLS (not in sock mode).
 Prints "READY <port or path> <the loop module's file>" on stdout once it
 listens (the file tells tools/bench.py which mtloop a baseline run really
 imported), then serves until SIGTERM or SIGINT.
+
+Two modes drive subprocesses instead of serving (port 0): each line "RUN
+<seconds>" on stdin runs the workload once and prints its figures as a
+JSON line.  pipe: bytes through one `cat` child for that long, written in
+256 KiB chunks with drain() and read back concurrently ("requests" are
+MiB).  spawn: a burst of --size children (`true`), all started at once and
+waited for ("requests" are children).  Both report the loop's stall: the
+gaps between the wakeups of a task sleeping 1 ms (p50, p99 and the
+largest).
 """
 
 from __future__ import annotations
@@ -128,8 +137,95 @@ async def serve_asgi(args: argparse.Namespace, sock: socket.socket, where: str) 
     await task  # uvicorn handles SIGTERM and SIGINT itself
 
 
+class Heartbeat:
+    """Gaps between the wakeups of a task that sleeps 1 ms: how long the
+    loop stalls while a workload runs."""
+
+    def __init__(self) -> None:
+        self.gaps: list[float] = []
+        self.task = asyncio.get_running_loop().create_task(self.beat())
+
+    async def beat(self) -> None:
+        last = time.perf_counter()
+        while True:
+            await asyncio.sleep(0.001)
+            now = time.perf_counter()
+            self.gaps.append(now - last)
+            last = now
+
+    def stop(self) -> dict:
+        self.task.cancel()
+        gaps = sorted(self.gaps) or [0.0]
+        return {"p50_us": gaps[len(gaps) // 2] * 1e6,
+                "p99_us": gaps[min(len(gaps) - 1, int(len(gaps) * 0.99))] * 1e6,
+                "max_gap_us": gaps[-1] * 1e6}
+
+
+async def pipe_run(seconds: float) -> dict:
+    chunk = os.urandom(256 * 1024)
+    proc = await asyncio.create_subprocess_exec(
+        "cat", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    assert proc.stdin is not None and proc.stdout is not None
+    received = 0
+
+    async def reader() -> None:
+        nonlocal received
+        while True:
+            data = await proc.stdout.read(256 * 1024)  # type: ignore[union-attr]
+            if not data:
+                return
+            received += len(data)
+
+    beat = Heartbeat()
+    t0 = time.perf_counter()
+    reading = asyncio.get_running_loop().create_task(reader())
+    sent = 0
+    while time.perf_counter() - t0 < seconds:
+        proc.stdin.write(chunk)
+        sent += len(chunk)
+        await proc.stdin.drain()
+    proc.stdin.close()
+    await reading
+    await proc.wait()
+    wall = time.perf_counter() - t0
+    mib = received / (1 << 20)
+    return {"requests": mib, "rps": mib / wall, "errors": int(received != sent),
+            "connections": 1, **beat.stop()}
+
+
+async def spawn_run(children: int) -> dict:
+    async def one() -> int:
+        proc = await asyncio.create_subprocess_exec("true")
+        return await proc.wait()
+
+    beat = Heartbeat()
+    t0 = time.perf_counter()
+    codes = await asyncio.gather(*(one() for _ in range(children)))
+    wall = time.perf_counter() - t0
+    return {"requests": children, "rps": children / wall,
+            "errors": sum(1 for c in codes if c != 0), "connections": children, **beat.stop()}
+
+
+async def serve_procs(args: argparse.Namespace) -> None:
+    """The pipe and spawn modes: a workload per "RUN <seconds>" line."""
+    import json
+    loop = asyncio.get_running_loop()
+    origin = getattr(sys.modules.get(args.loop), "__file__", None) or "-"
+    print(f"READY 0 {origin}", flush=True)
+    while True:
+        line = await loop.run_in_executor(None, sys.stdin.readline)
+        if not line.startswith("RUN"):
+            return  # EOF: the benchmark is done with this process
+        seconds = float(line.split()[1])
+        result = await (pipe_run(seconds) if args.mode == "pipe" else spawn_run(args.size))
+        print(json.dumps(result), flush=True)
+
+
 async def serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
+    if args.mode in ("pipe", "spawn"):
+        await serve_procs(args)
+        return
     stop = loop.create_future()
     if args.mode != "asgi":  # uvicorn installs its own
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -223,7 +319,8 @@ def main() -> None:
     parser.add_argument("--loop", required=True,
                         choices=("asyncio", "uvloop", "rloop", "mtloop"))
     parser.add_argument("--mode", default="protocol",
-                        choices=("protocol", "buffered", "streams", "sock", "asgi"))
+                        choices=("protocol", "buffered", "streams", "sock", "asgi",
+                                 "pipe", "spawn"))
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--work-us", type=float, default=0.0)
     parser.add_argument("--port", type=int, default=0)

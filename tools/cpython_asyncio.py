@@ -22,7 +22,7 @@ test_runners, test_taskgroups, test_timeouts, test_tasks, test_futures.
 network (``--network``): test_events:network (the rest of test_events' loop
 mixins: create_connection/create_server/unix sockets/datagrams/pipes/ptys/
 subprocesses), test_streams, test_server, test_buffered_proto,
-test_sock_lowlevel, test_sendfile, test_ssl, test_sslproto.
+test_sock_lowlevel, test_sendfile, test_subprocess, test_ssl, test_sslproto.
 
 The table has one row per suite: tests, passes per loop, regressions, known
 failures, TLS failures (below), other failures, and seconds per loop.  The
@@ -132,6 +132,29 @@ NETWORK_TEST_RE = re.compile(
 SELECTOR_VARIANTS_RE = r"^(Select|EPoll|Poll|Kqueue|Proactor)EventLoopTests$"
 
 
+def _fresh_child_watcher(test):
+    """Gives the stock loop a child watcher of its own for one test, as
+    CPython's Subprocess*WatcherTests do (a test before it may have left a
+    mock in the policy).  mtloop watches its children itself and ignores it."""
+    import asyncio
+    import warnings
+    if not hasattr(asyncio, "ThreadedChildWatcher"):
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        policy = asyncio.get_event_loop_policy()
+        watcher = asyncio.ThreadedChildWatcher()
+        watcher.attach_loop(test.loop)
+        policy.set_child_watcher(watcher)
+
+    def restore():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            policy.set_child_watcher(None)
+            watcher.close()
+    test.addCleanup(restore)
+
+
 def _is_network_test(name):
     return bool(NETWORK_TEST_RE.search(name))
 
@@ -145,7 +168,8 @@ def _is_core_test(name):
 #   build:  [(new class name, [mixin names, first existing of "A|B"],
 #             base ("utils" = test_utils.TestCase, "unittest" = unittest.TestCase,
 #             None = the first mixin is a TestCase already),
-#             hook method returning the loop)]
+#             hook method returning the loop, or "setUp": a setUp that
+#             sets self.loop)]
 #           Dropped classes that define tests of their own must be used as
 #           the mixin (the child notes any test that would be lost).
 #   filter: predicate over test method names of the built classes
@@ -194,6 +218,12 @@ SUITES = {
         drop=SELECTOR_VARIANTS_RE,
         build=[("SendfileTests", ["SendfileTestsBase"], "utils",
                 "create_event_loop")]),
+    # Subprocesses (the stock column runs them under its policy's default
+    # child watcher; mtloop watches its children itself).
+    "test_subprocess": dict(
+        module="test_subprocess", group="network",
+        drop=r"^(Subprocess\w*WatcherTests|SubprocessProactorTests)$",
+        build=[("SubprocessTests", ["SubprocessMixin"], "utils", "setUp")]),
     # TLS over transports (asyncio's SSL protocol), start_tls, TLS servers.
     "test_ssl": dict(module="test_ssl", group="network"),
     "test_sslproto": dict(module="test_sslproto", group="network"),
@@ -413,8 +443,17 @@ def child_main(args):
             bases.append(test_utils.TestCase)
         elif base == "unittest":
             bases.append(unittest.TestCase)
-        ns = {hook: lambda self: new_loop(), "__module__": modname,
-              "__qualname__": cls_name}
+        ns = {"__module__": modname, "__qualname__": cls_name}
+        if hook == "setUp":
+            # The mixin reads self.loop, which the dropped classes' setUp made.
+            def set_up(self, _new_loop=new_loop):
+                super(type(self), self).setUp()
+                self.loop = _new_loop()
+                self.set_event_loop(self.loop)
+                _fresh_child_watcher(self)
+            ns["setUp"] = set_up
+        else:
+            ns[hook] = lambda self: new_loop()
         built.append(type(cls_name, tuple(bases), ns))
         notes.append("built %s(%s) with %s() -> loop under test"
                      % (cls_name, ", ".join(b.__name__ for b in bases), hook))

@@ -83,47 +83,12 @@ KNOWN: dict[str, str] = {
         "asserts connection_lost() ran within the iterations after write()+close(); "
         "mtloop flushes on an I/O thread first (a round trip later), which races "
         "the end of run_until_complete()",
-    # -- not in #3: subprocesses, pipes and datagrams are later issues -------
-    "test_events.UnixEventLoopTests.test_subprocess_close_after_finish":
-        "subprocess transports are not in mtloop yet (a later issue; #3 is TCP and Unix streams)",
-    "test_events.UnixEventLoopTests.test_subprocess_close_client_stream":
-        "subprocess transports are not in mtloop yet (a later issue; #3 is TCP and Unix streams)",
-    "test_events.UnixEventLoopTests.test_subprocess_exec":
-        "subprocess transports are not in mtloop yet (a later issue; #3 is TCP and Unix streams)",
-    "test_events.UnixEventLoopTests.test_subprocess_exitcode":
-        "subprocess transports are not in mtloop yet (a later issue; #3 is TCP and Unix streams)",
-    "test_events.UnixEventLoopTests.test_subprocess_interactive":
-        "subprocess transports are not in mtloop yet (a later issue; #3 is TCP and Unix streams)",
-    "test_events.UnixEventLoopTests.test_subprocess_kill":
-        "subprocess transports are not in mtloop yet (a later issue; #3 is TCP and Unix streams)",
-    "test_events.UnixEventLoopTests.test_subprocess_send_signal":
-        "subprocess transports are not in mtloop yet (a later issue; #3 is TCP and Unix streams)",
-    "test_events.UnixEventLoopTests.test_subprocess_shell":
-        "subprocess transports are not in mtloop yet (a later issue; #3 is TCP and Unix streams)",
-    "test_events.UnixEventLoopTests.test_subprocess_stderr":
-        "subprocess transports are not in mtloop yet (a later issue; #3 is TCP and Unix streams)",
-    "test_events.UnixEventLoopTests.test_subprocess_stderr_redirect_to_stdout":
-        "subprocess transports are not in mtloop yet (a later issue; #3 is TCP and Unix streams)",
-    "test_events.UnixEventLoopTests.test_subprocess_terminate":
-        "subprocess transports are not in mtloop yet (a later issue; #3 is TCP and Unix streams)",
-    "test_events.UnixEventLoopTests.test_subprocess_wait_no_same_group":
-        "subprocess transports are not in mtloop yet (a later issue; #3 is TCP and Unix streams)",
-    "test_events.UnixEventLoopTests.test_bidirectional_pty":
-        "pipe transports are not in mtloop yet (a later issue; #3 is TCP and Unix streams)",
-    "test_events.UnixEventLoopTests.test_read_pipe":
-        "pipe transports are not in mtloop yet (a later issue; #3 is TCP and Unix streams)",
-    "test_events.UnixEventLoopTests.test_read_pty_output":
-        "pipe transports are not in mtloop yet (a later issue; #3 is TCP and Unix streams)",
-    "test_events.UnixEventLoopTests.test_unclosed_pipe_transport":
-        "pipe transports are not in mtloop yet (a later issue; #3 is TCP and Unix streams)",
-    "test_events.UnixEventLoopTests.test_write_pipe":
-        "pipe transports are not in mtloop yet (a later issue; #3 is TCP and Unix streams)",
-    "test_events.UnixEventLoopTests.test_write_pipe_disconnect_on_close":
-        "pipe transports are not in mtloop yet (a later issue; #3 is TCP and Unix streams)",
-    "test_events.UnixEventLoopTests.test_write_pty":
-        "pipe transports are not in mtloop yet (a later issue; #3 is TCP and Unix streams)",
-    "test_streams.StreamTests.test_read_all_from_pipe_reader":
-        "pipe transports are not in mtloop yet (a later issue; #3 is TCP and Unix streams)",
+    # -- child watchers (issue #11) ------------------------------------------
+    "test_subprocess.GenericWatcherTests.test_create_subprocess_fails_with_inactive_watcher":
+        "asserts that the stock loop consults the policy's child watcher (an API "
+        "deprecated in 3.12 and gone in 3.14); mtloop watches its own children "
+        "with pidfds and never asks the policy, as uvloop does not",
+    # -- not in #3: datagrams are a later issue (#12) ------------------------
     "test_events.UnixEventLoopTests.test_create_datagram_endpoint":
         "datagram transports are not in mtloop yet (a later issue; #3 is TCP and Unix streams)",
     "test_events.UnixEventLoopTests.test_create_datagram_endpoint_ipv6":

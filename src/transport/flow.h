@@ -1,5 +1,5 @@
 /* A flow: the C record of every byte-stream transport (TCP and Unix
- * sockets, TLS over them; pipes later), and the pump that drives it on its
+ * sockets, TLS over them, pipes), and the pump that drives it on its
  * I/O thread.
  *
  * The pump is the byte-stream machinery, the same for every kind: the
@@ -7,7 +7,7 @@
  * counters, the marks for DRAINED and BLOCKED, read credit, shutdown and
  * close ordering, and RELEASED strictly last.  What differs by kind is a
  * small table of fd operations (mt_fd_ops): a socket sends with sendmsg()
- * and has sendfile(); a pipe would use writev(); TLS (tls_ops.c) is a
+ * and has sendfile(); a pipe uses writev() (pipe_ops.c); TLS (tls_ops.c) is a
  * filter between the pump and its socket, with a handshake and a
  * close_notify of its own.  The counters count the bytes the pump hands to
  * and takes from those operations: plaintext, for TLS.
@@ -84,6 +84,7 @@ typedef struct mt_fd_ops {
      * read that must send first) says so in f->wait_hint. */
     ssize_t (*read)(mt_flow *f, void *buf, size_t len);
     ssize_t (*writev)(mt_flow *f, const struct iovec *iov, int cnt);
+    /* NULL when the kind has no half-close (a pipe: the loop never asks). */
     int (*shutdown_wr)(mt_flow *f);
     /* NULL when the kind has none (the loop falls back to writes). */
     ssize_t (*sendfile)(mt_flow *f, int in_fd, int64_t *offset, size_t count);
@@ -115,6 +116,11 @@ typedef struct mt_fd_ops {
 } mt_fd_ops;
 
 extern const mt_fd_ops mt_socket_fd_ops;
+/* pipe_ops.c: a pipe's read end (or any fd read and written with read()
+ * and writev()), and a pipe's write end, whose readability means the read
+ * end is gone. */
+extern const mt_fd_ops mt_pipe_fd_ops;
+extern const mt_fd_ops mt_pipe_writer_fd_ops;
 
 /* Where a filter's own work stands (mt_flow.filter_phase). */
 enum { MT_FILTER_NONE, MT_FILTER_OPENING, MT_FILTER_OPEN, MT_FILTER_CLOSING };

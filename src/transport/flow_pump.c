@@ -175,9 +175,12 @@ static void write_failed(mt_io_thread *io, mt_flow *f, int err)
     atomic_compare_exchange_strong(&f->write_err, &none, err);
     f->write_failed = true;
     f->want_write = false;
+    /* The error goes first: the drop below may reach the loop's resume
+     * mark, and a DRAINED ahead of it would resume a paused writer (its
+     * drain() returning cleanly) before the transport failed. */
+    emit(io, f, MT_FLOW_WRITE_ERROR, err);
     drop_output(io, f);
     update_interest(io, f);
-    emit(io, f, MT_FLOW_WRITE_ERROR, err);
 }
 
 /* Sends queued output until it is gone or the fd is full.  Returns true
@@ -300,7 +303,8 @@ static void pump_output(mt_io_thread *io, mt_flow *f)
     }
     if (f->shut_wr_pending && !f->write_failed) {
         f->shut_wr_pending = false;
-        f->fd_ops->shutdown_wr(f);
+        if (f->fd_ops->shutdown_wr != NULL)
+            f->fd_ops->shutdown_wr(f);
     }
     if (!f->closing)
         return;

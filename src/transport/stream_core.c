@@ -4,6 +4,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <string.h>
 #include <structmember.h>
 #include <unistd.h>
 
@@ -890,17 +891,36 @@ static const mt_loop_ops stream_loop_ops = {
 
 /* ---- lifetime ------------------------------------------------------------------ */
 
+/* The fd operations a StreamCore(kind=...) runs under; NULL: no such kind. */
+static const mt_fd_ops *fd_ops_of_kind(const char *kind)
+{
+    if (strcmp(kind, "socket") == 0)
+        return &mt_socket_fd_ops;
+    if (strcmp(kind, "read-pipe") == 0)
+        return &mt_pipe_fd_ops;
+    if (strcmp(kind, "write-pipe") == 0)
+        return &mt_pipe_writer_fd_ops;
+    return NULL;
+}
+
 static PyObject *core_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"loop", "fd", "transport", "protocol", "dup", "tls", NULL};
+    static char *kwlist[] = {"loop", "fd", "transport", "protocol", "dup", "tls", "kind", NULL};
     PyObject *loop_obj, *transport, *protocol, *tls = Py_None;
+    const char *kind = "socket";
     int fd, dup = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!iOO|pO:StreamCore", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!iOO|pO$s:StreamCore", kwlist,
                                      &mt_LoopCoreType, &loop_obj, &fd, &transport, &protocol,
-                                     &dup, &tls))
+                                     &dup, &tls, &kind))
         return NULL;
     if (fd < 0) {
         PyErr_SetString(PyExc_ValueError, "invalid file descriptor");
+        return NULL;
+    }
+    const mt_fd_ops *fd_ops = fd_ops_of_kind(kind);
+    if (fd_ops == NULL || (tls != Py_None && fd_ops != &mt_socket_fd_ops)) {
+        PyErr_Format(PyExc_ValueError, "no StreamCore kind '%s'%s", kind,
+                     tls != Py_None ? " with tls" : "");
         return NULL;
     }
     mt_loop *loop = (mt_loop *)loop_obj;
@@ -925,7 +945,7 @@ static PyObject *core_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         return PyErr_SetFromErrno(PyExc_OSError);
     }
     if (tls == Py_None) {
-        self->flow = mt_flow_new(&mt_socket_fd_ops, &stream_loop_ops, loop->sink, io, own);
+        self->flow = mt_flow_new(fd_ops, &stream_loop_ops, loop->sink, io, own);
         if (self->flow == NULL)
             PyErr_NoMemory();
     } else {

@@ -134,6 +134,9 @@ typedef struct harness {
     size_t peer_rx_at_eof;
     int peer_err;
 
+    /* The peer is a pipe's other end (read() and write(), not recv/send). */
+    bool peer_pipe;
+
     /* A TLS flow's peer speaks TLS through this SSL (NULL: plain). */
     SSL *peer_ssl;
     bool peer_handshaken;
@@ -144,6 +147,7 @@ typedef struct harness {
         n_released, n_opened, n_other;
     int read_err, write_err, released_err, sendfile_err, opened_err;
     int data_before_opened;
+    bool write_error_before_drained; /* the first DRAINED came after a WRITE_ERROR */
     size_t sendfile_sent;
     uint64_t drained_flushed, released_flushed;
     int after_released;   /* completions after RELEASED */
@@ -192,11 +196,12 @@ H_FN void h_init(harness *h, int fd, int peer, size_t in_chunk)
     assert_non_null(h->sink);
 }
 
-/* The flow takes fd; both ends are made non-blocking. */
-H_FN void h_open_fds(harness *h, int fd, int peer)
+/* The flow takes fd and runs it with `ops`; both ends are made
+ * non-blocking. */
+H_FN void h_open_ops(harness *h, const mt_fd_ops *ops, int fd, int peer)
 {
     h_init(h, fd, peer, 48 * 1024);
-    h->f = mt_flow_new(&mt_socket_fd_ops, NULL, h->sink, g_io, fd);
+    h->f = mt_flow_new(ops, NULL, h->sink, g_io, fd);
     assert_non_null(h->f);
     assert_int_equal(h->f->fd, fd);
     assert_int_equal(atomic_load(&h->f->fd_holds), 2);
@@ -217,6 +222,11 @@ H_FN void h_open_tls(harness *h, int fd, int peer, SSL *ssl, SSL *peer_ssl)
     SSL_set_mode(peer_ssl, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
     assert_int_equal(SSL_set_fd(peer_ssl, peer), 1);
     h_signal(h, MT_FLOW_ATTACH);
+}
+
+H_FN void h_open_fds(harness *h, int fd, int peer)
+{
+    h_open_ops(h, &mt_socket_fd_ops, fd, peer);
 }
 
 H_FN void h_open(harness *h)
@@ -379,6 +389,8 @@ H_FN void h_handle(harness *h, mt_msg *d)
         h->write_err = d->err;
         break;
     case MT_FLOW_DRAINED:
+        if (h->n_drained == 0 && h->n_write_error > 0)
+            h->write_error_before_drained = true;
         h->n_drained++;
         h->drained_flushed = h_flushed(h);
         break;
@@ -484,7 +496,9 @@ H_FN void h_peer_io(harness *h)
         size_t len = h->in_len - h->in_sent;
         if (len > h->in_chunk)
             len = h->in_chunk;
-        ssize_t n = send(h->peer, h->in + h->in_sent, len, MSG_NOSIGNAL | MSG_DONTWAIT);
+        ssize_t n = h->peer_pipe
+                        ? write(h->peer, h->in + h->in_sent, len)
+                        : send(h->peer, h->in + h->in_sent, len, MSG_NOSIGNAL | MSG_DONTWAIT);
         if (n > 0) {
             h->in_sent += (size_t)n;
             continue;
@@ -497,7 +511,8 @@ H_FN void h_peer_io(harness *h)
     }
     static uint8_t buf[256 * 1024];
     while (h->peer_reading && !h->peer_eof && h->peer_err == 0) {
-        ssize_t n = recv(h->peer, buf, sizeof(buf), MSG_DONTWAIT);
+        ssize_t n = h->peer_pipe ? read(h->peer, buf, sizeof(buf))
+                                 : recv(h->peer, buf, sizeof(buf), MSG_DONTWAIT);
         if (n > 0) {
             for (ssize_t i = 0; i < n; i++)
                 if (h->peer_rx + (size_t)i >= h->out_queued ||
@@ -728,6 +743,25 @@ H_FN bool sendfile_seen(harness *h) { return h->n_sendfile > 0; }
 H_FN bool write_error_seen(harness *h) { return h->n_write_error > 0; }
 H_FN bool drained_seen(harness *h) { return h->n_drained > 0; }
 H_FN bool blocked_seen(harness *h) { return h->n_blocked > 0; }
+
+/* The input ended cleanly: `total` bytes as sent, then one EOF and
+ * nothing after it. */
+H_FN void h_assert_clean_eof(harness *h, size_t total)
+{
+    assert_int_equal(h->rx, total);
+    assert_int_equal(h->rx_bad, 0);
+    assert_int_equal(h->n_eof, 1);
+    assert_int_equal(h->n_read_error, 0);
+    assert_int_equal(h->data_after_eof, 0);
+}
+
+/* The loop closes the flow; RELEASED comes, without an error. */
+H_FN void h_close_released(harness *h)
+{
+    h_signal(h, MT_FLOW_CLOSE);
+    assert_true(h_run(h, released_seen, WAIT_MS));
+    assert_int_equal(h->released_err, 0);
+}
 
 /* A connected TCP pair over loopback (for resets, which a Unix socketpair
  * does not have). */

@@ -177,16 +177,10 @@ static void test_peer_close_eof(void **state)
     h->peer = -1;
     assert_true(h_run(h, eof_seen, WAIT_MS));
     h_quiet(h, QUIET_MS);
-    assert_int_equal(h->rx, total);
-    assert_int_equal(h->rx_bad, 0);
-    assert_int_equal(h->n_eof, 1);
-    assert_int_equal(h->n_read_error, 0);
-    assert_int_equal(h->data_after_eof, 0);
+    h_assert_clean_eof(h, total);
     /* A close with nothing queued: RELEASED at once; the fd stays open
      * while the loop half holds it. */
-    h_signal(h, MT_FLOW_CLOSE);
-    assert_true(h_run(h, released_seen, WAIT_MS));
-    assert_int_equal(h->released_err, 0);
+    h_close_released(h);
     assert_true(fd_open(h->fd));
     h_finish(h); /* (closes it) */
 }
