@@ -39,7 +39,7 @@ def reaped(pid):
     try:
         with open(f"/proc/{pid}/stat") as f:
             state, ppid = f.read().rsplit(")", 1)[1].split()[:2]
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone, before or while reading
         return True
     return int(ppid) != os.getpid()
 
