@@ -67,6 +67,15 @@ class _PipeTransport(FlowTransport):
         """Whether the I/O thread watches the fd for reading."""
         return True
 
+    def close(self) -> None:
+        # connection_lost() comes with RELEASED (_mt_closed()), once the I/O
+        # thread has let go of its copy of the descriptor: the other end then
+        # sees the pipe closed by the time the protocol hears of it, as with
+        # the stock loop (a child writing to a stdout the parent closed gets
+        # EPIPE; CPython's test_subprocess_close_client_stream waits for it).
+        if not self._core.closing:
+            self._core.close()
+
     def __repr__(self) -> str:
         info = [type(self).__name__]
         if self._pipe is None:

@@ -138,6 +138,23 @@ def test_read_pipe_close_and_abort_by_the_protocol(loop, run):
     assert rpipe.closed
 
 
+def test_read_pipe_is_closed_once_connection_lost_ran(loop, run):
+    # The writer sees the pipe closed (EPIPE) by the time the protocol
+    # heard of the close, as with the stock loop.
+    async def main():
+        for _ in range(20):  # a race would show in some rounds
+            r, w = make_pipe()
+            proto = Recorder(loop)
+            transport, _ = await loop.connect_read_pipe(lambda: proto, r)
+            transport.close()
+            await proto.lost
+            with pytest.raises(BrokenPipeError):
+                w.write(b"x")
+            w.close()
+
+    run(main())
+
+
 def test_read_pipe_pause_and_resume(loop, run):
     rpipe, wpipe = make_pipe()
 
