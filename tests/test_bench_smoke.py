@@ -50,3 +50,20 @@ def test_bench_tls_smoke(tmp_path):
     for loop in ("asyncio", "mtloop"):
         runs = echo[loop]["runs"]
         assert runs and all(r["errors"] == 0 and r["requests"] > 0 for r in runs)
+
+
+def test_bench_procs_smoke(tmp_path):
+    """The subprocess scenarios run: bytes through cat come back whole, every
+    child of the burst exits 0, and the stall figures exist."""
+    out = tmp_path / "procs.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "bench.py"), "--procs", "--repeat", "1",
+         "--seconds", "0.3", "--loops", "asyncio,mtloop", "--json", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = json.loads(out.read_text())["results"]
+    for name in ("pipe through cat", "spawn burst x500"):
+        for loop in ("asyncio", "mtloop"):
+            runs = results[name][loop]["runs"]
+            assert runs and all(r["errors"] == 0 and r["requests"] > 0 for r in runs)
+            assert all(0 < r["p50_us"] <= r["max_gap_us"] for r in runs)
