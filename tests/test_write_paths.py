@@ -1,9 +1,10 @@
 """Transport writes across mtloop's write paths, against the reference loops.
 
-mtloop sends a write in one of two ways: a small write on an idle
+mtloop sends a write in one of three ways: a small write on an idle
 connection goes out from the loop thread at once (the I/O thread sleeps,
-nothing earlier is pending); anything else is copied into a command for
-the transport's I/O thread.  These tests mix the two and hold the result
+nothing earlier is pending); a large bytes object is sent by the
+transport's I/O thread from the object itself, held until it is sent or
+dropped; anything else is copied into commands for the I/O thread.  These tests mix the two and hold the result
 to what asyncio does: every byte arrives, in order, mutable buffers are
 copied at write() time, and a write to a reset connection ends in
 connection_lost() with an OSError.  Parametrized over asyncio, uvloop and
@@ -13,6 +14,7 @@ mtloop.
 import asyncio
 import os
 import socket
+import sys
 
 from netutil import recv_exactly
 
@@ -114,6 +116,41 @@ def test_mutable_buffers_are_copied_at_write(loop, run):
         return got
 
     assert run(main()) == expected
+
+
+def test_large_bytes_writes_arrive_and_let_go_of_their_objects(loop, run):
+    """Big bytes objects (mtloop sends them from the object itself) arrive
+    intact although the writer keeps no reference, and the transport lets
+    go of them once they are sent, or dropped by abort()."""
+    sizes = (64 * 1024, 200 * 1024, 1024 * 1024 + 3)
+    expected = b"".join(os.urandom(n) for n in sizes)
+    probe = os.urandom(300 * 1024)  # referenced here too, to count references
+
+    async def main():
+        transport, proto, peer = await server_side(loop, rcvbuf=4096)
+        with peer:
+            base = sys.getrefcount(probe)
+            offset = 0
+            for n in sizes:  # each a fresh bytes object only the transport holds
+                transport.write(expected[offset:offset + n])
+                offset += n
+            transport.write(probe)
+            got = await recv_exactly(loop, peer, len(expected) + len(probe))
+            while transport.get_write_buffer_size():
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)
+            after_send = sys.getrefcount(probe)
+            for _ in range(20):  # more than the kernel takes while nobody reads
+                transport.write(probe)
+            transport.abort()
+            await asyncio.wait_for(proto.lost, 10)
+            await asyncio.sleep(0.05)
+            after_abort = sys.getrefcount(probe)
+        return got, base, after_send, after_abort
+
+    got, base, after_send, after_abort = run(main())
+    assert got == expected + probe
+    assert (after_send, after_abort) == (base, base)
 
 
 def test_small_writes_to_a_reset_peer_end_in_connection_lost(loop, run):

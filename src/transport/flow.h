@@ -139,7 +139,20 @@ enum {
     MT_FLOW_SENDFILE_DONE,      /* payload: mt_flow_sendfile_done; err */
     MT_FLOW_OPENED,             /* a filter's opening finished (err: or failed,
                                    and RELEASED follows) */
+    /* A command: a WRITE whose bytes stay in the loop's object (payload:
+     * mt_flow_write_ref; len: the bytes').  Once sent or dropped the same
+     * message comes back as the completion REF_DONE, which lets go of the
+     * object; it is the one completion that may follow RELEASED (a WRITE_REF
+     * that reached a closed flow), so the loop handles it without the
+     * transport. */
+    MT_FLOW_WRITE_REF,
+    MT_FLOW_REF_DONE,
 };
+
+typedef struct mt_flow_write_ref {
+    const char *data;   /* inside `owner`, immutable while it is held */
+    void *owner;        /* the loop's (a bytes object); opaque to the I/O thread */
+} mt_flow_write_ref;
 
 /* Control bits (mt_record_signal). */
 enum {

@@ -72,6 +72,26 @@ static mt_msg *out_next(mt_msg *m)
     return next ? MT_CONTAINER_OF(next, mt_msg, node) : NULL;
 }
 
+/* The bytes of a WRITE or a WRITE_REF. */
+static char *out_data(mt_msg *m)
+{
+    if (m->op == MT_FLOW_WRITE_REF)
+        return (char *)((mt_flow_write_ref *)mt_msg_data(m))->data;
+    return mt_msg_data(m);
+}
+
+/* A WRITE is done with (sent or dropped): freed, or for a WRITE_REF handed
+ * back to the loop as REF_DONE, which lets go of the bytes' object. */
+static void out_done(mt_io_thread *io, mt_msg *m)
+{
+    if (m->op != MT_FLOW_WRITE_REF) {
+        mt_msg_free(m);
+        return;
+    }
+    m->op = MT_FLOW_REF_DONE;
+    mt_io_thread_emit(io, m);
+}
+
 static void emit_sendfile_done(mt_io_thread *io, mt_flow *f, int err, size_t sent)
 {
     if (f->closed)
@@ -161,7 +181,7 @@ static void drop_output(mt_io_thread *io, mt_flow *f)
         f->out_head = out_next(m);
         dropped += m->len - f->out_off;
         f->out_off = 0;
-        mt_msg_free(m);
+        out_done(io, m);
     }
     f->out_tail = NULL;
     f->out_bytes = 0;
@@ -192,7 +212,7 @@ static bool flush_output(mt_io_thread *io, mt_flow *f)
         int cnt = 0;
         size_t off = f->out_off;
         for (mt_msg *m = f->out_head; m != NULL && cnt < MT_MAX_IOV; m = out_next(m), off = 0) {
-            iov[cnt].iov_base = (char *)mt_msg_data(m) + off;
+            iov[cnt].iov_base = out_data(m) + off;
             iov[cnt].iov_len = m->len - off;
             cnt++;
         }
@@ -223,7 +243,7 @@ static bool flush_output(mt_io_thread *io, mt_flow *f)
             left -= avail;
             f->out_head = out_next(m);
             f->out_off = 0;
-            mt_msg_free(m);
+            out_done(io, m);
         }
         if (f->out_head == NULL)
             f->out_tail = NULL;
@@ -491,9 +511,10 @@ static void flow_message(mt_io_thread *io, mt_record *rec, mt_msg *msg)
     mt_flow *f = (mt_flow *)rec;
     switch (msg->op) {
     case MT_FLOW_WRITE:
+    case MT_FLOW_WRITE_REF:
         if (msg->len == 0 || f->closed || f->write_failed) {
             uint64_t len = msg->len;
-            mt_msg_free(msg);
+            out_done(io, msg);
             note_flushed(io, f, len);
             return;
         }

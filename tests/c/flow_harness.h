@@ -150,7 +150,9 @@ typedef struct harness {
     bool write_error_before_drained; /* the first DRAINED came after a WRITE_ERROR */
     size_t sendfile_sent;
     uint64_t drained_flushed, released_flushed;
-    int after_released;   /* completions after RELEASED */
+    int after_released;   /* completions after RELEASED (but REF_DONE) */
+    int n_ref_done, ref_done_after_released;
+    uintptr_t ref_done_owners; /* the sum of the owners REF_DONE gave back */
     int data_after_eof;   /* DATA after EOF or a read error */
     int bad_source;
     bool released;        /* RELEASED seen */
@@ -277,6 +279,22 @@ H_FN mt_msg *h_make_write(harness *h, size_t len, uint32_t salt)
     return msg;
 }
 
+/* Makes a WRITE_REF of buf[0:len] (recorded as expected), sent from buf,
+ * which must stay as it is until REF_DONE; `owner` is what REF_DONE gives
+ * back. */
+H_FN mt_msg *h_make_write_ref(harness *h, const uint8_t *buf, size_t len, uintptr_t owner)
+{
+    h_reserve_out(h, h->out_queued + len);
+    memcpy(h->out + h->out_queued, buf, len);
+    h->out_queued += len;
+    mt_msg *msg = mt_msg_new(MT_FLOW_WRITE_REF, &h->f->rec, sizeof(mt_flow_write_ref));
+    assert_non_null(msg);
+    ((mt_flow_write_ref *)mt_msg_data(msg))->data = (const char *)buf;
+    ((mt_flow_write_ref *)mt_msg_data(msg))->owner = (void *)owner;
+    msg->len = len;
+    return msg;
+}
+
 /* Expects the peer to read these bytes next (e.g. a file slice). */
 H_FN void h_expect_out(harness *h, const uint8_t *data, size_t len)
 {
@@ -346,9 +364,15 @@ H_FN void h_handle(harness *h, mt_msg *d)
 {
     if (d->rec != &h->f->rec)
         h->bad_source++;
-    if (h->released)
+    if (h->released && d->op != MT_FLOW_REF_DONE) /* the one that may follow */
         h->after_released++;
     switch (d->op) {
+    case MT_FLOW_REF_DONE:
+        h->n_ref_done++;
+        h->ref_done_owners += (uintptr_t)((mt_flow_write_ref *)mt_msg_data(d))->owner;
+        if (h->released)
+            h->ref_done_after_released++;
+        break;
     case MT_FLOW_OPENED:
         h->n_opened++;
         h->opened_err = d->err;

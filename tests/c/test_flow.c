@@ -406,6 +406,49 @@ static void test_close_flushes(void **state)
     h_finish(h);
 }
 
+/* WRITE_REF between WRITEs: its bytes go out from the caller's buffer, in
+ * order, and the message comes back as REF_DONE with its owner once sent;
+ * one dropped by ABORT comes back too, and so does one that reaches the
+ * flow after RELEASED (the one completion allowed after it). */
+static void test_write_ref(void **state)
+{
+    (void)state;
+    harness *h = &g_h;
+    h_open(h);
+    static uint8_t a[300 * 1024], b[200 * 1024], c[100 * 1024];
+    fill_pattern(a, sizeof(a), 42);
+    fill_pattern(b, sizeof(b), 44);
+    fill_pattern(c, sizeof(c), 45);
+    h->peer_reading = true;
+    h_post_msg(h, h_make_write(h, 1000, 41));
+    h_post_msg(h, h_make_write_ref(h, a, sizeof(a), 0x1000));
+    h_post_msg(h, h_make_write(h, 70 * 1024, 43));
+    assert_true(h_run(h, peer_rx_all, WAIT_MS));
+    assert_int_equal(h->peer_rx_bad, 0);
+    h_quiet(h, 5);
+    assert_int_equal(h->n_ref_done, 1);
+    assert_int_equal(h->ref_done_owners, 0x1000);
+    assert_int_equal(h_flushed(h), h->out_queued);
+    /* Queued behind a peer that stopped reading, then aborted. */
+    h->peer_reading = false;
+    set_sndbuf(h->fd, 4096);
+    for (int i = 0; i < 8; i++)
+        h_post_msg(h, h_make_write_ref(h, b, sizeof(b), 0x10000));
+    h_quiet(h, QUIET_MS);
+    assert_true(h_flushed(h) < h->out_queued);
+    h_signal(h, MT_FLOW_ABORT);
+    assert_true(h_run(h, released_seen, WAIT_MS));
+    assert_int_equal(h->n_ref_done, 1 + 8);
+    assert_int_equal(h->ref_done_owners, 0x1000 + 8 * 0x10000);
+    assert_int_equal(h->ref_done_after_released, 0);
+    /* After RELEASED: dropped, and still handed back. */
+    h_post_msg(h, h_make_write_ref(h, c, sizeof(c), 0x100000));
+    h_quiet(h, QUIET_MS);
+    assert_int_equal(h->ref_done_after_released, 1);
+    assert_int_equal(h->ref_done_owners, 0x1000 + 8 * 0x10000 + 0x100000);
+    h_finish(h);
+}
+
 /* ABORT drops the queued output at once (the peer is not reading), counts
  * it as flushed, and reports RELEASED. */
 static void test_abort_drops_output(void **state)
@@ -1112,6 +1155,7 @@ int main(void)
         cmocka_unit_test_teardown(test_write_drained, h_teardown),
         cmocka_unit_test_teardown(test_close_flushes, h_teardown),
         cmocka_unit_test_teardown(test_abort_drops_output, h_teardown),
+        cmocka_unit_test_teardown(test_write_ref, h_teardown),
         cmocka_unit_test_teardown(test_shut_wr, h_teardown),
         cmocka_unit_test_teardown(test_sendfile, h_teardown),
         cmocka_unit_test_teardown(test_sink_close_and_shutdown, h_teardown),
