@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import weakref
 from asyncio import base_events, format_helpers
 from asyncio.log import logger
 from typing import Any
 
 from . import _mtloop
+from ._datagram import DatagramMethods
 from ._pipes import PipeMethods
 from ._signals import SignalMethods
 from ._sock import SocketMethods
@@ -19,7 +21,7 @@ __all__ = ["Loop"]
 
 
 class Loop(_mtloop.LoopCore, SignalMethods, SocketMethods, StreamMethods, UnixSocketMethods,
-           PipeMethods, SubprocessMethods, asyncio.BaseEventLoop):
+           PipeMethods, SubprocessMethods, DatagramMethods, asyncio.BaseEventLoop):
     """An asyncio event loop whose run loop, handles, timers and fd watchers
     are in C (mtloop._mtloop.LoopCore).
 
@@ -48,6 +50,8 @@ class Loop(_mtloop.LoopCore, SignalMethods, SocketMethods, StreamMethods, UnixSo
         self._mt_signal_socks = None
         self._mt_listeners = {}
         self._mt_children = {}
+        # fd -> transport, for asyncio's datagram transport (mtloop._datagram).
+        self._transports = weakref.WeakValueDictionary()
 
     def run_forever(self) -> None:
         restore = self._mt_install_wakeup_fd() if not self.is_running() else None

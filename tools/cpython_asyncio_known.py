@@ -88,16 +88,4 @@ KNOWN: dict[str, str] = {
         "asserts that the stock loop consults the policy's child watcher (an API "
         "deprecated in 3.12 and gone in 3.14); mtloop watches its own children "
         "with pidfds and never asks the policy, as uvloop does not",
-    # -- not in #3: datagrams are a later issue (#12) ------------------------
-    "test_events.UnixEventLoopTests.test_create_datagram_endpoint":
-        "datagram transports are not in mtloop yet (a later issue; #3 is TCP and Unix streams)",
-    "test_events.UnixEventLoopTests.test_create_datagram_endpoint_ipv6":
-        "datagram transports are not in mtloop yet (a later issue; #3 is TCP and Unix streams)",
-    "test_events.UnixEventLoopTests.test_create_datagram_endpoint_sock":
-        "datagram transports are not in mtloop yet (a later issue; #3 is TCP and Unix streams)",
-    "test_events.UnixEventLoopTests.test_datagram_send_to_non_listening_address":
-        "datagram transports are not in mtloop yet (a later issue; #3 is TCP and Unix streams)",
-    "test_sendfile.SendfileTests.test_sendfile_not_supported":
-        "uses create_datagram_endpoint to get a transport without sendfile; "
-        "datagram transports are a later issue",
 }
