@@ -67,3 +67,19 @@ def test_bench_procs_smoke(tmp_path):
             runs = results[name][loop]["runs"]
             assert runs and all(r["errors"] == 0 and r["requests"] > 0 for r in runs)
             assert all(0 < r["p50_us"] <= r["max_gap_us"] for r in runs)
+
+
+def test_bench_udp_smoke(tmp_path):
+    """The datagram scenarios run: every echoed datagram right, loss counted."""
+    out = tmp_path / "udp.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "bench.py"), "--udp", "--repeat", "1",
+         "--seconds", "0.3", "--loops", "asyncio,mtloop", "--json", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = json.loads(out.read_text())["results"]
+    for name in ("udp echo 64B x32", "udp echo 1KiB x32"):
+        for loop in ("asyncio", "mtloop"):
+            runs = results[name][loop]["runs"]
+            assert runs and all(r["errors"] == 0 and r["requests"] > 0 and "lost" in r
+                                for r in runs)

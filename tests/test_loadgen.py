@@ -379,6 +379,78 @@ def test_tls_against_a_plain_server_fails(loadgen, tcp_server):
     assert "TLS handshake" in proc.stderr or "connect" in proc.stderr
 
 
+# --------------------------------------------------------------------------
+# UDP
+
+
+class UdpEcho(threading.Thread):
+    """A datagram echo server on a thread; `mangle(data, count)` returns
+    what to send back (None: nothing)."""
+
+    def __init__(self, mangle=lambda data, count: data):
+        super().__init__(daemon=True)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.mangle = mangle
+        self.stopping = False
+        self.count = 0
+
+    def run(self):
+        while not self.stopping:
+            try:
+                data, addr = self.sock.recvfrom(65535)
+            except socket.timeout:
+                continue
+            self.count += 1
+            reply = self.mangle(data, self.count)
+            if reply is not None:
+                self.sock.sendto(reply, addr)
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stopping = True
+        self.join(5)
+        self.sock.close()
+
+
+@pytest.mark.parametrize("size", [8, 64, 1400, 60000])
+def test_udp_echo(loadgen, size):
+    with UdpEcho() as server:
+        proc, res = run_json(loadgen, "--udp", "--port", server.port, "-c", 4, "-s", size,
+                             "-n", 200)
+    assert proc.returncode == 0, proc.stderr
+    assert res["udp"] is True
+    assert res["requests"] >= 200
+    assert res["errors"] == 0 and res["lost"] == 0
+
+
+def test_udp_loss_is_counted_not_waited_for(loadgen):
+    # Every fifth datagram is dropped: the run goes on, and counts them.
+    with UdpEcho(lambda data, count: None if count % 5 == 0 else data) as server:
+        proc, res = run_json(loadgen, "--udp", "--port", server.port, "-c", 2, "-s", 64,
+                             "-d", 1, "--udp-timeout", "0.02")
+    assert proc.returncode == 0, proc.stderr
+    assert res["lost"] > 0 and res["requests"] > 3 * res["lost"]
+    assert res["errors"] == 0
+
+
+def test_udp_corruption_detected(loadgen):
+    def corrupt(data, count):
+        if count % 3 == 0:
+            return data[:-1] + bytes([data[-1] ^ 1])
+        return data
+    with UdpEcho(corrupt) as server:
+        proc, res = run_json(loadgen, "--udp", "--port", server.port, "-c", 2, "-s", 64,
+                             "-d", 0.5)
+    assert proc.returncode == 1
+    assert res["errors"] > 0
+
+
 @pytest.mark.parametrize("args", [
     [],                                         # no --port nor --unix
     ["--port", "0"],
@@ -395,6 +467,11 @@ def test_tls_against_a_plain_server_fails(loadgen, tcp_server):
     ["--port", "1", "--unix", "/tmp/x.sock"],
     ["--port", "1", "--tls-reuse"],
     ["--port", "1", "--reconnect", "-p", "2"],
+    ["--port", "1", "--udp", "--tls"],
+    ["--port", "1", "--udp", "-s", "7"],
+    ["--port", "1", "--udp", "-s", "65508"],
+    ["--port", "1", "--udp", "-p", "2"],
+    ["--port", "1", "--udp-timeout", "0"],
 ], ids=lambda a: " ".join(a) or "no-args")
 def test_bad_usage(loadgen, args):
     proc = run_loadgen(loadgen, *args)

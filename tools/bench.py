@@ -7,6 +7,7 @@
     python tools/bench.py --scaling       # mtloop with 1, 2, 4, 8 I/O threads (many cores)
     python tools/bench.py --tls           # TLS echo and handshakes (issue #10)
     python tools/bench.py --procs         # pipes through cat, a spawn burst (issue #11)
+    python tools/bench.py --udp           # datagram echo (issue #12)
     python tools/bench.py --baseline 88cf932   # the working tree against a commit, one run
 
 For each scenario, each loop's echo server (tools/bench_server.py, one
@@ -40,6 +41,11 @@ MiB pushed through a `cat` child and read back, or a child spawned and
 waited for; p50/p99 are the loop's stalls (gaps between the wakeups of a
 task sleeping 1 ms), and the largest gap is reported too.  CPU is the
 server process's own (its children's is not counted).
+
+UDP scenarios (--udp) serve a datagram echo endpoint (mode udp) to the load
+generator's --udp: a connected socket per "connection", one datagram in
+flight each, every echo checked; a datagram not echoed within 0.1 s is
+counted as lost ("lost" in the JSON) and the next one goes.
 
 A loop named mtloop:N runs mtloop with N I/O threads.  --clients K splits
 the connections over K load generators pinned to the last K CPUs (requests
@@ -103,6 +109,7 @@ class Scenario:
     reconnect: bool = False     # a connection (a TLS handshake) per request
     http: bool = False          # an HTTP server (mode asgi) under wrk, not an echo
     proc: bool = False          # a subprocess workload run by the server (mode pipe, spawn)
+    udp: bool = False           # datagrams (mode udp, the load generator's --udp)
 
 
 QUICK = [
@@ -145,7 +152,12 @@ PROCS = [
     Scenario("pipe through cat", mode="pipe", proc=True),
     Scenario("spawn burst x500", mode="spawn", size=500, proc=True),
 ]
-UNITS = {"pipe": "MiB", "spawn": "children"}  # what a "request" is, by mode
+# Issue #12: datagram echo (the load generator counts loss rather than wait).
+UDP = [
+    Scenario("udp echo 64B x32", mode="udp", size=64, udp=True),
+    Scenario("udp echo 1KiB x32", mode="udp", size=1024, udp=True),
+]
+UNITS = {"pipe": "MiB", "spawn": "children", "udp": "datagrams"}  # a "request", by mode
 SMOKE = [Scenario("protocol 1KiB x4", connections=4),
          Scenario("idle x50", connections=50, idle=True)]
 
@@ -427,6 +439,8 @@ def loadgen(binary: Path, port: int, sc: Scenario, seconds: float,
             cmd.append("--tls")
         if sc.reconnect:
             cmd.append("--reconnect")
+        if sc.udp:
+            cmd.append("--udp")
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True))
     reports = []
@@ -438,8 +452,8 @@ def loadgen(binary: Path, port: int, sc: Scenario, seconds: float,
             raise RuntimeError(f"loadgen failed ({proc.returncode}): {err.strip()}")
     if len(reports) == 1:
         return reports[0]
-    merged = {k: sum(r[k] for r in reports)
-              for k in ("requests", "rps", "mib_s", "errors", "connections")}
+    merged = {k: sum(r.get(k, 0) for r in reports)
+              for k in ("requests", "rps", "mib_s", "errors", "connections", "lost")}
     merged["p50_us"] = statistics.mean(r["p50_us"] for r in reports)
     merged["p99_us"] = max(r["p99_us"] for r in reports)
     merged["clients"] = len(reports)
@@ -554,14 +568,17 @@ def run_idle(loop: str, sc: Scenario, seconds: float) -> dict:
 ECHO_KEYS = ("rps", "p50_us", "p99_us", "loop_cpu_us_per_req", "cpu_us_per_req", "peak_rss_mib")
 IDLE_KEYS = ("rss_per_conn_kib", "idle_cpu_pct")
 PROC_KEYS = ECHO_KEYS + ("max_gap_us",)
+UDP_KEYS = ECHO_KEYS + ("lost",)
 
 
 def keys_of(sc_or_median: Any) -> tuple[str, ...]:
     if isinstance(sc_or_median, Scenario):
-        return IDLE_KEYS if sc_or_median.idle else PROC_KEYS if sc_or_median.proc else ECHO_KEYS
+        sc = sc_or_median
+        return (IDLE_KEYS if sc.idle else PROC_KEYS if sc.proc else
+                UDP_KEYS if sc.udp else ECHO_KEYS)
     med = sc_or_median
-    return (IDLE_KEYS if "rss_per_conn_kib" in med else
-            PROC_KEYS if "max_gap_us" in med else ECHO_KEYS)
+    return (IDLE_KEYS if "rss_per_conn_kib" in med else PROC_KEYS if "max_gap_us" in med else
+            UDP_KEYS if "lost" in med else ECHO_KEYS)
 
 
 def medians(runs: list[dict], keys: tuple[str, ...]) -> dict[str, float]:
@@ -722,6 +739,8 @@ def main() -> int:
                        help="TLS echo and handshake scenarios (issue #10)")
     group.add_argument("--procs", action="store_true",
                        help="pipe throughput through cat and a spawn burst (issue #11)")
+    group.add_argument("--udp", action="store_true",
+                       help="datagram echo, 64 B and 1 KiB (issue #12)")
     group.add_argument("--scaling", action="store_true",
                        help="mtloop with 1, 2, 4 and 8 I/O threads beside asyncio and uvloop "
                             "(for a machine with many cores; use with --clients)")
@@ -769,7 +788,7 @@ def main() -> int:
         Server.cpus = parse_cpus(args.server_cpus)
     scenarios = (FULL if args.full else SMOKE if args.smoke else
                  SCALING if args.scaling else TARGETS if args.targets else
-                 TLS if args.tls else PROCS if args.procs else QUICK)
+                 TLS if args.tls else PROCS if args.procs else UDP if args.udp else QUICK)
     if args.pattern:
         scenarios = [s for s in scenarios if args.pattern in s.name]
     if any(sc.http for sc in scenarios) and shutil.which("wrk") is None:

@@ -18,6 +18,9 @@ Prints "READY <port or path> <the loop module's file>" on stdout once it
 listens (the file tells tools/bench.py which mtloop a baseline run really
 imported), then serves until SIGTERM or SIGINT.
 
+udp: a datagram echo endpoint (create_datagram_endpoint), for the load
+generator's --udp.
+
 Two modes drive subprocesses instead of serving (port 0): each line "RUN
 <seconds>" on stdin runs the workload once and prints its figures as a
 JSON line.  pipe: bytes through one `cat` child for that long, written in
@@ -221,10 +224,34 @@ async def serve_procs(args: argparse.Namespace) -> None:
         print(json.dumps(result), flush=True)
 
 
+class UdpEcho(asyncio.DatagramProtocol):
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.transport.sendto(data, addr)
+
+
+async def serve_udp(args: argparse.Namespace) -> None:
+    """The udp mode: a datagram echo endpoint."""
+    loop = asyncio.get_running_loop()
+    stop = loop.create_future()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+    transport, _ = await loop.create_datagram_endpoint(UdpEcho, local_addr=("127.0.0.1", args.port))
+    origin = getattr(sys.modules.get(args.loop), "__file__", None) or "-"
+    print(f"READY {transport.get_extra_info('sockname')[1]} {origin}", flush=True)
+    await stop
+    transport.close()
+
+
 async def serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     if args.mode in ("pipe", "spawn"):
         await serve_procs(args)
+        return
+    if args.mode == "udp":
+        await serve_udp(args)
         return
     stop = loop.create_future()
     if args.mode != "asgi":  # uvicorn installs its own
@@ -320,7 +347,7 @@ def main() -> None:
                         choices=("asyncio", "uvloop", "rloop", "mtloop"))
     parser.add_argument("--mode", default="protocol",
                         choices=("protocol", "buffered", "streams", "sock", "asgi",
-                                 "pipe", "spawn"))
+                                 "pipe", "spawn", "udp"))
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--work-us", type=float, default=0.0)
     parser.add_argument("--port", type=int, default=0)

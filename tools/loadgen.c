@@ -32,6 +32,14 @@
  * --tls-reuse is given.  Requests completed during --warmup are not
  * counted (with -n they do not use up the budget either).
  *
+ * --udp makes each "connection" a connected UDP socket with one datagram in
+ * flight: datagram `seq` carries seq in its first 8 bytes and the
+ * connection's pattern for (id, seq) after them, and is checked byte for
+ * byte when it comes back.  Loss is counted, never waited for: a datagram
+ * not echoed within --udp-timeout counts as lost and the next one goes; an
+ * echo that comes after that counts as late and is ignored.  A datagram
+ * that is neither (the wrong length or bytes) is an error.
+ *
  * Exit status: 0 on success, 1 if any error occurred or no request completed,
  * 2 on bad usage.
  */
@@ -226,6 +234,8 @@ struct options {
     long cpu;                   /* -1: none */
     double connect_timeout;
     bool tls, tls_reuse, reconnect;
+    bool udp;
+    double udp_timeout;         /* seconds */
 };
 
 static struct options opt = {
@@ -235,6 +245,7 @@ static struct options opt = {
     .pipeline = 1,
     .cpu = -1,
     .connect_timeout = 5.0,
+    .udp_timeout = 0.1,
 };
 
 static struct {
@@ -265,6 +276,7 @@ static struct {
     SSL_CTX *ssl_ctx;
     SSL_SESSION *session;       /* --tls-reuse: the session to resume */
     uint64_t reconnects;
+    uint64_t lost, late;        /* --udp */
 } g;
 
 static volatile sig_atomic_t interrupted;
@@ -300,6 +312,9 @@ static void usage(FILE *f)
         "      --tls               speak TLS (no certificate verification)\n"
         "      --tls-reuse         resume TLS sessions (with --reconnect)\n"
         "      --reconnect         one request per connection, then connect again\n"
+        "      --udp               UDP: a connected socket per connection, one datagram in\n"
+        "                          flight each (-s 8..65507)\n"
+        "      --udp-timeout SECONDS  a datagram not echoed by then is lost (default 0.1)\n"
         "  -h, --help              show this help\n"
         "\n"
         "Exit status: 0 ok, 1 errors or no request completed, 2 bad usage.\n");
@@ -344,7 +359,7 @@ static double parse_seconds(const char *name, const char *s, bool allow_zero)
 
 enum {
     OPT_HOST = 256, OPT_PORT, OPT_UNIX, OPT_WARMUP, OPT_JSON, OPT_CPU,
-    OPT_CONNECT_TIMEOUT, OPT_TLS, OPT_TLS_REUSE, OPT_RECONNECT,
+    OPT_CONNECT_TIMEOUT, OPT_TLS, OPT_TLS_REUSE, OPT_RECONNECT, OPT_UDP, OPT_UDP_TIMEOUT,
 };
 
 static void parse_args(int argc, char **argv)
@@ -365,6 +380,8 @@ static void parse_args(int argc, char **argv)
         {"tls", no_argument, NULL, OPT_TLS},
         {"tls-reuse", no_argument, NULL, OPT_TLS_REUSE},
         {"reconnect", no_argument, NULL, OPT_RECONNECT},
+        {"udp", no_argument, NULL, OPT_UDP},
+        {"udp-timeout", required_argument, NULL, OPT_UDP_TIMEOUT},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
@@ -392,6 +409,8 @@ static void parse_args(int argc, char **argv)
         case OPT_TLS: opt.tls = true; break;
         case OPT_TLS_REUSE: opt.tls_reuse = true; break;
         case OPT_RECONNECT: opt.reconnect = true; break;
+        case OPT_UDP: opt.udp = true; break;
+        case OPT_UDP_TIMEOUT: opt.udp_timeout = parse_seconds("--udp-timeout", optarg, false); break;
         case 'h': usage(stdout); exit(0);
         default: fprintf(stderr, "Try '" PROG " --help'.\n"); exit(2);
         }
@@ -416,6 +435,10 @@ static void parse_args(int argc, char **argv)
         bad_usage("--tls-reuse needs --tls");
     if (opt.reconnect && opt.pipeline != 1)
         bad_usage("--reconnect sends one message per connection: no --pipeline");
+    if (opt.udp && (opt.tls || opt.reconnect || opt.pipeline != 1 || opt.unix_path))
+        bad_usage("--udp excludes --tls, --reconnect, --pipeline and --unix");
+    if (opt.udp && (opt.size < 8 || opt.size > 65507))
+        bad_usage("--udp: --size must be 8..65507");
 }
 
 /* ------------------------------------------------------------------------ */
@@ -898,6 +921,132 @@ static int ms_until(uint64_t now, uint64_t deadline)
 }
 
 /* ------------------------------------------------------------------------ */
+/* UDP (--udp)                                                              */
+
+struct udp_sock {
+    int fd;
+    uint32_t id;
+    uint64_t seq;               /* the datagram in flight */
+    uint64_t sent_at;
+};
+
+static void udp_datagram(uint32_t id, uint64_t seq, unsigned char *out)
+{
+    memcpy(out, &seq, 8);
+    msg_fill(msg_seed(id, seq), 0, opt.size - 8, out + 8);
+}
+
+static void udp_send(struct udp_sock *u, uint64_t now)
+{
+    udp_datagram(u->id, u->seq, g.sbuf);
+    g.issued++;
+    u->sent_at = now;
+    /* A refused or full send is a datagram the timeout will count as lost. */
+    (void)send(u->fd, g.sbuf, opt.size, MSG_DONTWAIT);
+}
+
+static bool udp_measuring(uint64_t now)
+{
+    return now >= g.measure_start && now < g.end;
+}
+
+/* The datagram in flight is done (echoed, or lost): the next one goes. */
+static void udp_next(struct udp_sock *u, uint64_t now)
+{
+    u->seq++;
+    udp_send(u, now); /* -n counts echoes, not sends: loss must not stall it */
+}
+
+static void udp_readable(struct udp_sock *u)
+{
+    for (;;) {
+        ssize_t n = recv(u->fd, g.rbuf, RECV_CHUNK, MSG_DONTWAIT);
+        uint64_t now = now_ns();
+        if (n < 0) {
+            if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR &&
+                errno != ECONNREFUSED)
+                g.errors++;
+            if (errno == EINTR || errno == ECONNREFUSED)
+                continue;
+            return;
+        }
+        uint64_t seq;
+        if ((size_t)n < 8) {
+            g.errors++;
+            continue;
+        }
+        memcpy(&seq, g.rbuf, 8);
+        if (seq < u->seq && (uint64_t)n == opt.size) {
+            g.late++;
+            continue;
+        }
+        udp_datagram(u->id, u->seq, g.ebuf);
+        if ((uint64_t)n != opt.size || seq != u->seq || memcmp(g.rbuf, g.ebuf, opt.size) != 0) {
+            g.errors++;
+            continue;
+        }
+        if (udp_measuring(now)) {
+            g.requests++;
+            hist_record(&g.hist, now - u->sent_at);
+        }
+        udp_next(u, now);
+    }
+}
+
+static int run_udp(void)
+{
+    struct udp_sock *socks = xcalloc((size_t)opt.connections, sizeof *socks);
+    uint64_t timeout_ns = (uint64_t)(opt.udp_timeout * 1e9);
+    for (uint64_t i = 0; i < opt.connections; i++) {
+        struct udp_sock *u = &socks[i];
+        u->id = (uint32_t)i;
+        u->fd = socket(g.family, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (u->fd < 0 || connect(u->fd, (struct sockaddr *)&g.addr, g.addrlen) != 0) {
+            perror(PROG ": udp socket");
+            return 1;
+        }
+        struct epoll_event ev = {.events = EPOLLIN, .data.ptr = u};
+        if (epoll_ctl(g.epfd, EPOLL_CTL_ADD, u->fd, &ev) != 0) {
+            perror(PROG ": epoll_ctl");
+            return 1;
+        }
+        g.connected++;
+    }
+    uint64_t now = now_ns();
+    g.t0 = now;
+    g.measure_start = now + (uint64_t)(opt.warmup * 1e9);
+    g.end = opt.duration > 0 ? g.measure_start + (uint64_t)(opt.duration * 1e9) : NEVER;
+    g.phase = PH_RUNNING;
+    for (uint64_t i = 0; i < opt.connections; i++)
+        udp_send(&socks[i], now);
+    struct epoll_event events[MAX_EVENTS];
+    while (!interrupted && now < g.end && !(opt.requests && g.requests >= opt.requests)) {
+        int n = epoll_wait(g.epfd, events, MAX_EVENTS, 10);
+        if (n < 0 && errno != EINTR) {
+            perror(PROG ": epoll_wait");
+            return 1;
+        }
+        for (int i = 0; i < n; i++)
+            udp_readable(events[i].data.ptr);
+        now = now_ns();
+        for (uint64_t i = 0; i < opt.connections; i++) {
+            struct udp_sock *u = &socks[i];
+            if (now - u->sent_at > timeout_ns) {
+                if (udp_measuring(now))
+                    g.lost++;
+                udp_next(u, now);
+            }
+        }
+    }
+    g.stop_time = now < g.end ? now : g.end;
+    g.phase = PH_DONE;
+    for (uint64_t i = 0; i < opt.connections; i++)
+        close(socks[i].fd);
+    free(socks);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
 /* Report                                                                   */
 
 static void report(void)
@@ -918,18 +1067,20 @@ static void report(void)
         printf("{\"requests\": %llu, \"seconds\": %.6f, \"rps\": %.3f, \"mib_s\": %.3f, "
                "\"errors\": %llu, \"connections\": %llu, \"size\": %llu, \"pipeline\": %llu, "
                "\"p50_us\": %.3f, \"p90_us\": %.3f, \"p99_us\": %.3f, \"p999_us\": %.3f, "
-               "\"max_us\": %.3f, \"mean_us\": %.3f, \"tls\": %s, \"reconnects\": %llu}\n",
+               "\"max_us\": %.3f, \"mean_us\": %.3f, \"tls\": %s, \"reconnects\": %llu, "
+               "\"udp\": %s, \"lost\": %llu, \"late\": %llu}\n",
                (unsigned long long)g.requests, seconds, rps, mib_s,
                (unsigned long long)g.errors, (unsigned long long)g.connected,
                (unsigned long long)opt.size, (unsigned long long)opt.pipeline,
                p50, p90, p99, p999, max, mean, opt.tls ? "true" : "false",
-               (unsigned long long)g.reconnects);
+               (unsigned long long)g.reconnects, opt.udp ? "true" : "false",
+               (unsigned long long)g.lost, (unsigned long long)g.late);
         return;
     }
     if (opt.unix_path)
         printf(PROG ": unix %s", opt.unix_path);
     else
-        printf(PROG ": tcp %s port %s", opt.host, opt.port);
+        printf(PROG ": %s %s port %s", opt.udp ? "udp" : "tcp", opt.host, opt.port);
     printf(", %llu B messages, pipeline %llu%s%s\n",
            (unsigned long long)opt.size, (unsigned long long)opt.pipeline,
            opt.tls ? ", TLS" : "", opt.reconnect ? ", a connection per request" : "");
@@ -942,6 +1093,9 @@ static void report(void)
     printf("\n  requests     %llu  (%.1f req/s, %.2f MiB/s echoed)\n",
            (unsigned long long)g.requests, rps, mib_s);
     printf("  errors       %llu\n", (unsigned long long)g.errors);
+    if (opt.udp)
+        printf("  lost         %llu  (late echoes %llu)\n", (unsigned long long)g.lost,
+               (unsigned long long)g.late);
     printf("  latency (us) mean %.1f  p50 %.1f  p90 %.1f  p99 %.1f  p99.9 %.1f  max %.1f\n",
            mean, p50, p90, p99, p999, max);
 }
@@ -991,6 +1145,16 @@ int main(int argc, char **argv)
     g.sbuf = xcalloc(1, SEND_CHUNK);
     g.rbuf = xcalloc(1, RECV_CHUNK);
     g.ebuf = xcalloc(1, RECV_CHUNK);
+    g.budget = opt.requests ? opt.requests : NEVER;
+    if (opt.udp) {
+        int rc = run_udp();
+        report();
+        free(g.sbuf);
+        free(g.rbuf);
+        free(g.ebuf);
+        close(g.epfd);
+        return (rc || g.errors > 0 || g.requests == 0) ? 1 : 0;
+    }
     g.nconns = opt.connections;
     g.conns = xcalloc((size_t)g.nconns, sizeof *g.conns);
     uint64_t *tstarts = xcalloc((size_t)(g.nconns * opt.pipeline), sizeof *tstarts);
