@@ -196,7 +196,7 @@ def check_ok(proc, res, connections, size, pipeline):
 
 EXPECTED_KEYS = {"requests", "seconds", "rps", "mib_s", "errors", "connections", "size",
                  "pipeline", "p50_us", "p90_us", "p99_us", "p999_us", "max_us", "mean_us",
-                 "tls", "reconnects"}
+                 "tls", "reconnects", "udp", "lost", "late"}
 
 
 # --------------------------------------------------------------------------
