@@ -189,9 +189,6 @@ class WritePipeTransport(_PipeTransport):
             logger.info("%r was closed by peer", self)
         self._force_close(BrokenPipeError() if self.get_write_buffer_size() else None)
 
-    def _mt_read_error(self, err: int) -> None:
-        self._mt_eof()
-
     def _mt_write_error(self, err: int) -> None:
         if self._lost_scheduled:
             return

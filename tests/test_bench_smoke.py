@@ -37,49 +37,45 @@ def test_bench_smoke(tmp_path):
     assert "rps/uvloop" in proc.stdout or "protocol 1KiB x4" in proc.stdout
 
 
+def run_short(tmp_path, *args):
+    """bench.py with `args`, one 0.3 s run per loop (asyncio and mtloop): the
+    results by scenario, then loop."""
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "bench.py"), *args, "--repeat", "1",
+         "--seconds", "0.3", "--loops", "asyncio,mtloop", "--json", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(out.read_text())["results"]
+
+
+def runs_of(results, scenarios):
+    """Every run of those scenarios, for both loops; each must have some."""
+    runs = [r for name in scenarios for loop in ("asyncio", "mtloop")
+            for r in results[name][loop]["runs"]]
+    assert len(runs) >= 2 * len(scenarios)
+    return runs
+
+
 def test_bench_tls_smoke(tmp_path):
     """The TLS scenarios run: servers with a certificate made for the run, the
     load generator speaking TLS, every echoed byte right."""
-    out = tmp_path / "tls.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "bench.py"), "--tls", "-k", "tls 1KiB x32",
-         "--repeat", "1", "--seconds", "0.3", "--loops", "asyncio,mtloop", "--json", str(out)],
-        capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    echo = json.loads(out.read_text())["results"]["tls 1KiB x32"]
-    for loop in ("asyncio", "mtloop"):
-        runs = echo[loop]["runs"]
-        assert runs and all(r["errors"] == 0 and r["requests"] > 0 for r in runs)
+    results = run_short(tmp_path, "--tls", "-k", "tls 1KiB x32")
+    runs = runs_of(results, ["tls 1KiB x32"])
+    assert all(r["errors"] == 0 and r["requests"] > 0 for r in runs)
 
 
 def test_bench_procs_smoke(tmp_path):
     """The subprocess scenarios run: bytes through cat come back whole, every
     child of the burst exits 0, and the stall figures exist."""
-    out = tmp_path / "procs.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "bench.py"), "--procs", "--repeat", "1",
-         "--seconds", "0.3", "--loops", "asyncio,mtloop", "--json", str(out)],
-        capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    results = json.loads(out.read_text())["results"]
-    for name in ("pipe through cat", "spawn burst x500"):
-        for loop in ("asyncio", "mtloop"):
-            runs = results[name][loop]["runs"]
-            assert runs and all(r["errors"] == 0 and r["requests"] > 0 for r in runs)
-            assert all(0 < r["p50_us"] <= r["max_gap_us"] for r in runs)
+    results = run_short(tmp_path, "--procs")
+    runs = runs_of(results, ["pipe through cat", "spawn burst x500"])
+    assert all(r["errors"] == 0 and r["requests"] > 0 for r in runs)
+    assert all(0 < r["p50_us"] <= r["max_gap_us"] for r in runs)
 
 
 def test_bench_udp_smoke(tmp_path):
     """The datagram scenarios run: every echoed datagram right, loss counted."""
-    out = tmp_path / "udp.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "bench.py"), "--udp", "--repeat", "1",
-         "--seconds", "0.3", "--loops", "asyncio,mtloop", "--json", str(out)],
-        capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    results = json.loads(out.read_text())["results"]
-    for name in ("udp echo 64B x32", "udp echo 1KiB x32"):
-        for loop in ("asyncio", "mtloop"):
-            runs = results[name][loop]["runs"]
-            assert runs and all(r["errors"] == 0 and r["requests"] > 0 and "lost" in r
-                                for r in runs)
+    results = run_short(tmp_path, "--udp")
+    runs = runs_of(results, ["udp echo 64B x32", "udp echo 1KiB x32"])
+    assert all(r["errors"] == 0 and r["requests"] > 0 and "lost" in r for r in runs)
