@@ -33,6 +33,7 @@
 
 #include "io_threads/credit.h"
 #include "io_threads/runtime.h"
+#include "transport/out_marks.h"
 
 /* An I/O thread stops reading a flow once this much is delivered to the
  * loop but not yet consumed by the protocol.  Each read is charged at
@@ -184,12 +185,7 @@ struct mt_flow {
     /* Shared. */
     _Atomic bool want_read;         /* loop: the protocol reads (then signal READING) */
     mt_credit read_credit;          /* bytes delivered, not consumed */
-    _Atomic uint64_t flushed;       /* output bytes sent or dropped; I/O writes */
-    _Atomic uint64_t resume_at;     /* loop: report DRAINED once flushed >= this; 0 none */
-    _Atomic uint64_t blocked_mark;  /* loop: report BLOCKED once the fd is full with
-                                       at least this much waiting; 0 none */
-    _Atomic bool output_full;       /* I/O: the fd refused output; cleared when it
-                                       took some again */
+    mt_out_marks marks;             /* `flushed` counts output bytes */
     _Atomic int write_err;          /* the first hard write error, set (once) by
                                        whichever thread saw it */
 
@@ -221,31 +217,33 @@ mt_flow *mt_flow_new(const mt_fd_ops *fd_ops, const struct mt_loop_ops *loop_ops
  * the loop half's when it lets go); the last closes it.  Any thread. */
 void mt_flow_drop_fd(mt_flow *f);
 
-/* ---- the handshakes -------------------------------------------------------
- *
- * DRAINED and BLOCKED race the loop's marks against the I/O thread's
- * progress.  Each side stores its own field, then loads the other's, both
- * sequentially consistent (Dekker's pattern): at least one side sees the
- * other's store, and a CAS on the mark makes sure only one reports. */
+/* ---- the handshakes (out_marks.h) ---------------------------------------- */
 
-/* I/O thread: `n` more bytes left the output queue.  True when `flushed`
- * reached the loop's resume mark and this call took it: report DRAINED. */
-bool mt_flow_add_flushed(mt_flow *f, uint64_t n);
-/* I/O thread: the fd refused output (out_bytes waiting).  True when the
- * loop asked about that much and this call took the mark: report BLOCKED. */
-bool mt_flow_note_full(mt_flow *f);
+/* I/O thread: `n` more bytes left the output queue.  True: report DRAINED. */
+static inline bool mt_flow_add_flushed(mt_flow *f, uint64_t n)
+{
+    return mt_out_add_flushed(&f->marks, n);
+}
+/* I/O thread: the fd refused output (out_bytes waiting).  True: report
+ * BLOCKED. */
+static inline bool mt_flow_note_full(mt_flow *f)
+{
+    return mt_out_note_full(&f->marks, f->out_bytes);
+}
 
 /* ---- the loop's side of the handshakes (loop thread) ---------------------- */
 
 /* `n` delivered bytes were consumed.  True when the caller must signal
  * MT_FLOW_CREDIT (reading had stopped for credit). */
 bool mt_flow_consumed(mt_flow *f, size_t n);
-/* Asks for DRAINED once `flushed` reaches `mark`.  True when it already
- * has: the caller reports it now, and no DRAINED will come for this mark. */
-bool mt_flow_arm_resume(mt_flow *f, uint64_t mark);
-/* Asks for BLOCKED once the fd refuses output with at least `mark` bytes
- * waiting.  True when the fd is refusing output already: the caller
- * decides now, and no BLOCKED will come for this mark. */
-bool mt_flow_arm_blocked(mt_flow *f, uint64_t mark);
+/* mt_out_arm_resume and mt_out_arm_blocked on the flow's marks. */
+static inline bool mt_flow_arm_resume(mt_flow *f, uint64_t mark)
+{
+    return mt_out_arm_resume(&f->marks, mark);
+}
+static inline bool mt_flow_arm_blocked(mt_flow *f, uint64_t mark)
+{
+    return mt_out_arm_blocked(&f->marks, mark);
+}
 
 #endif

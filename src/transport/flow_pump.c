@@ -119,30 +119,6 @@ static void end_sendfile(mt_io_thread *io, mt_flow *f, int err, bool notify)
  * instead, x86 let the load pass the store and each side miss the other's
  * update (the DRAINED that resume_writing() waits for never came: 66-741
  * lost in 10^6 racing rounds on the 2-core VM, tests/c/test_flow_race.c). */
-bool mt_flow_add_flushed(mt_flow *f, uint64_t n)
-{
-    uint64_t flushed = atomic_load_explicit(&f->flushed, memory_order_relaxed) + n;
-    atomic_store_explicit(&f->flushed, flushed, memory_order_seq_cst);
-    uint64_t mark = atomic_load_explicit(&f->resume_at, memory_order_seq_cst);
-    if (mark == 0 || flushed < mark)
-        return false;
-    return atomic_compare_exchange_strong(&f->resume_at, &mark, 0); /* or the loop took it */
-}
-
-static bool take_blocked_mark(mt_flow *f)
-{
-    uint64_t mark = atomic_load_explicit(&f->blocked_mark, memory_order_seq_cst);
-    if (mark == 0 || f->out_bytes < mark)
-        return false;
-    return atomic_compare_exchange_strong(&f->blocked_mark, &mark, 0);
-}
-
-bool mt_flow_note_full(mt_flow *f)
-{
-    atomic_store_explicit(&f->output_full, true, memory_order_seq_cst);
-    return take_blocked_mark(f);
-}
-
 /* `n` more bytes left the queue (sent, or dropped). */
 static void note_flushed(mt_io_thread *io, mt_flow *f, uint64_t n)
 {
@@ -150,7 +126,7 @@ static void note_flushed(mt_io_thread *io, mt_flow *f, uint64_t n)
         return;
     if (!mt_io_thread_emit_op(io, &f->rec, MT_FLOW_DRAINED, 0)) {
         /* Out of memory: the next flush tries again. */
-        atomic_store_explicit(&f->resume_at, atomic_load(&f->flushed), memory_order_relaxed);
+        mt_out_rearm_resume(&f->marks);
     }
 }
 
@@ -158,7 +134,7 @@ static void note_flushed(mt_io_thread *io, mt_flow *f, uint64_t n)
  * much. */
 static void check_blocked(mt_io_thread *io, mt_flow *f)
 {
-    if (take_blocked_mark(f))
+    if (mt_out_take_blocked(&f->marks, f->out_bytes))
         emit(io, f, MT_FLOW_BLOCKED, 0);
 }
 
@@ -227,8 +203,7 @@ static bool flush_output(mt_io_thread *io, mt_flow *f)
             write_failed(io, f, errno);
             return true;
         }
-        if (atomic_load_explicit(&f->output_full, memory_order_relaxed))
-            atomic_store_explicit(&f->output_full, false, memory_order_relaxed);
+        mt_out_note_progress(&f->marks);
         f->write_on = MT_IO_WRITE;
         size_t left = (size_t)n;
         f->out_bytes -= left;
@@ -630,10 +605,7 @@ mt_flow *mt_flow_new(const mt_fd_ops *fd_ops, const struct mt_loop_ops *loop_ops
     f->write_on = MT_IO_WRITE;
     atomic_init(&f->want_read, false);
     mt_credit_init(&f->read_credit);
-    atomic_init(&f->flushed, 0);
-    atomic_init(&f->resume_at, 0);
-    atomic_init(&f->blocked_mark, 0);
-    atomic_init(&f->output_full, false);
+    mt_out_marks_init(&f->marks);
     atomic_init(&f->write_err, 0);
     return f;
 }
@@ -643,22 +615,4 @@ mt_flow *mt_flow_new(const mt_fd_ops *fd_ops, const struct mt_loop_ops *loop_ops
 bool mt_flow_consumed(mt_flow *f, size_t n)
 {
     return mt_credit_return(&f->read_credit, mt_read_charge(n), MT_READ_CREDIT);
-}
-
-bool mt_flow_arm_resume(mt_flow *f, uint64_t mark)
-{
-    atomic_store_explicit(&f->resume_at, mark, memory_order_seq_cst);
-    if (atomic_load_explicit(&f->flushed, memory_order_seq_cst) < mark)
-        return false;
-    uint64_t expected = mark;
-    return atomic_compare_exchange_strong(&f->resume_at, &expected, 0);
-}
-
-bool mt_flow_arm_blocked(mt_flow *f, uint64_t mark)
-{
-    atomic_store_explicit(&f->blocked_mark, mark, memory_order_seq_cst);
-    if (!atomic_load_explicit(&f->output_full, memory_order_seq_cst))
-        return false;
-    uint64_t expected = mark;
-    return atomic_compare_exchange_strong(&f->blocked_mark, &expected, 0);
 }

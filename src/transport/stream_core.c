@@ -168,7 +168,7 @@ static uint64_t write_buffer_size(mt_stream_core *self)
         return 0;
     uint64_t flushed = self->protocol_paused
                            ? self->flushed_seen
-                           : atomic_load_explicit(&self->flow->flushed, memory_order_acquire);
+                           : atomic_load_explicit(&self->flow->marks.flushed, memory_order_acquire);
     return self->queued > flushed ? self->queued - flushed : 0;
 }
 
@@ -400,7 +400,7 @@ static size_t direct_send(mt_stream_core *self, const char *buf, size_t len)
         return 0;
     if (!mt_loop_idle(self->loop))
         return 0;
-    if (atomic_load_explicit(&f->flushed, memory_order_acquire) != self->queued)
+    if (atomic_load_explicit(&f->marks.flushed, memory_order_acquire) != self->queued)
         return 0;
     if (!mt_io_thread_sleeping(f->rec.io) || mt_io_thread_stopped(f->rec.io))
         return 0;
@@ -711,7 +711,7 @@ static PyObject *core_abort(mt_stream_core *self, PyObject *Py_UNUSED(a))
     self->close_pending = false;
     if (!self->closed && self->flow != NULL) {
         /* The output is gone from this side's point of view at once. */
-        self->queued = self->flushed_seen = atomic_load(&self->flow->flushed);
+        self->queued = self->flushed_seen = atomic_load(&self->flow->marks.flushed);
         signal_flow(self, MT_FLOW_ABORT);
     }
     Py_RETURN_NONE;
@@ -818,7 +818,7 @@ static PyObject *core_set_protocol(mt_stream_core *self, PyObject *protocol)
 static int on_drained(mt_stream_core *self)
 {
     if (self->protocol_paused && !self->conn_lost) {
-        self->flushed_seen = atomic_load_explicit(&self->flow->flushed, memory_order_acquire);
+        self->flushed_seen = atomic_load_explicit(&self->flow->marks.flushed, memory_order_acquire);
         if (write_buffer_size(self) > (uint64_t)self->low_water) {
             arm_resume(self);
             return 0;
@@ -1113,14 +1113,14 @@ static int set_paused_flag(mt_stream_core *self, PyObject *v, void *Py_UNUSED(c)
         return 0;
     }
     if (b && !self->protocol_paused)
-        self->flushed_seen = atomic_load_explicit(&self->flow->flushed, memory_order_acquire);
+        self->flushed_seen = atomic_load_explicit(&self->flow->marks.flushed, memory_order_acquire);
     self->protocol_paused = b;
     if (b)
         arm_resume(self); /* DRAINED tells when to look at the buffer again */
     else if (self->close_pending)
         arm_drained_at(self, self->queued); /* and then when to close */
     else
-        atomic_store(&self->flow->resume_at, 0);
+        atomic_store(&self->flow->marks.resume_at, 0);
     return 0;
 }
 

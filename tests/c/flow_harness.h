@@ -331,7 +331,7 @@ H_FN void h_write_many(harness *h, size_t total, size_t max_chunk, uint64_t seed
 
 H_FN uint64_t h_flushed(harness *h)
 {
-    return atomic_load(&h->f->flushed);
+    return atomic_load(&h->f->marks.flushed);
 }
 
 H_FN int64_t h_used(harness *h)

@@ -296,7 +296,7 @@ static void test_write_drained(void **state)
     uint64_t mark = stalled + 96 * 1024;
     assert_true(mark < total);
     assert_false(mt_flow_arm_resume(h->f, mark)); /* not there yet: DRAINED will come */
-    assert_int_equal(atomic_load(&h->f->resume_at), mark);
+    assert_int_equal(atomic_load(&h->f->marks.resume_at), mark);
     h_quiet(h, QUIET_MS);
     assert_int_equal(h->n_drained, 0);
     double deadline = mt_test_now() + WAIT_MS / 1000.0;
@@ -311,7 +311,7 @@ static void test_write_drained(void **state)
                   (unsigned long long)h->drained_flushed, steps);
     assert_int_equal(h->n_drained, 1);
     assert_true(h->drained_flushed >= mark);
-    assert_int_equal(atomic_load(&h->f->resume_at), 0);
+    assert_int_equal(atomic_load(&h->f->marks.resume_at), 0);
     h->peer_reading = true;
     assert_true(h_run(h, peer_rx_all, WAIT_MS));
     h_quiet(h, QUIET_MS);
@@ -322,7 +322,7 @@ static void test_write_drained(void **state)
     /* A mark already reached: the loop reports it itself, no DRAINED. */
     assert_int_equal(h_wait_flushed(h, total), total);
     assert_true(mt_flow_arm_resume(h->f, total));
-    assert_int_equal(atomic_load(&h->f->resume_at), 0);
+    assert_int_equal(atomic_load(&h->f->marks.resume_at), 0);
     assert_true(mt_flow_arm_resume(h->f, 1));
     h_quiet(h, QUIET_MS);
     assert_int_equal(h->n_drained, 1);
@@ -334,7 +334,7 @@ static void test_write_drained(void **state)
     h_quiet(h, QUIET_MS);
     assert_int_equal(h->n_drained, 2);
     assert_int_equal(h_wait_flushed(h, total + 1000), total + 1000);
-    assert_int_equal(atomic_load(&h->f->resume_at), 0);
+    assert_int_equal(atomic_load(&h->f->marks.resume_at), 0);
     /* A mark moved up before it was reached: only the last one counts. */
     assert_false(mt_flow_arm_resume(h->f, total + 1500));
     assert_false(mt_flow_arm_resume(h->f, total + 3000));

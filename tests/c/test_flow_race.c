@@ -55,7 +55,7 @@ static void *drain_writer_main(void *arg)
             continue;
         }
         uint64_t posted = atomic_load_explicit(&w->posted, memory_order_relaxed);
-        uint64_t flushed = atomic_load_explicit(&w->f->flushed, memory_order_acquire);
+        uint64_t flushed = atomic_load_explicit(&w->f->marks.flushed, memory_order_acquire);
         if (posted - flushed < WINDOW) {
             uint32_t k = 1 + (uint32_t)mt_test_rng_below(&rng, 8);
             mt_msg *first = NULL, *last = NULL;
@@ -189,7 +189,7 @@ static void test_drained_race_pump(void **state)
             print_message("round %d: mark %llu never reported (flushed %llu, resume_at "
                           "%llu)\n",
                           r, (unsigned long long)mark, (unsigned long long)h_flushed(h),
-                          (unsigned long long)atomic_load(&h->f->resume_at));
+                          (unsigned long long)atomic_load(&h->f->marks.resume_at));
             break;
         }
         if (held) {
@@ -232,7 +232,7 @@ static void test_drained_race_pump(void **state)
     assert_true(later > 0); /* the DRAINED side did run */
     assert_true(held_reports > 0);
     assert_true(now > 0);   /* and so did the arm's own report */
-    assert_int_equal(atomic_load(&h->f->resume_at), 0);
+    assert_int_equal(atomic_load(&h->f->marks.resume_at), 0);
     h_finish(h);
 }
 
@@ -325,12 +325,12 @@ static bool io_side_fenced(mt_flow *f, uint64_t n)
  * CPU may perform before the store is visible (x86 store buffering). */
 static bool io_side_unfenced(mt_flow *f, uint64_t n)
 {
-    uint64_t v = atomic_load_explicit(&f->flushed, memory_order_relaxed) + n;
-    atomic_store_explicit(&f->flushed, v, memory_order_release);
-    uint64_t mark = atomic_load_explicit(&f->resume_at, memory_order_relaxed);
+    uint64_t v = atomic_load_explicit(&f->marks.flushed, memory_order_relaxed) + n;
+    atomic_store_explicit(&f->marks.flushed, v, memory_order_release);
+    uint64_t mark = atomic_load_explicit(&f->marks.resume_at, memory_order_relaxed);
     if (mark == 0 || v < mark)
         return false;
-    return atomic_compare_exchange_strong(&f->resume_at, &mark, 0);
+    return atomic_compare_exchange_strong(&f->marks.resume_at, &mark, 0);
 }
 
 static void *hs_io_main(void *arg)
@@ -364,8 +364,8 @@ static hs_result handshake_stress(bool fenced, int rounds)
 {
     mt_flow *f = calloc(1, sizeof(*f));
     assert_non_null(f);
-    atomic_init(&f->flushed, 0);
-    atomic_init(&f->resume_at, 0);
+    atomic_init(&f->marks.flushed, 0);
+    atomic_init(&f->marks.resume_at, 0);
     hs *s = calloc(1, sizeof(hs));
     assert_non_null(s);
     s->f = f;
@@ -396,13 +396,13 @@ static hs_result handshake_stress(bool fenced, int rounds)
         if (loop_rep)
             res.by_loop++;
         /* Next round: no mark armed. */
-        atomic_store_explicit(&f->resume_at, 0, memory_order_relaxed);
+        atomic_store_explicit(&f->marks.resume_at, 0, memory_order_relaxed);
     }
     res.secs = mt_test_now() - t0;
     pthread_join(th, NULL);
     if (s->cpu >= 0)
         pthread_setaffinity_np(pthread_self(), sizeof(saved), &saved);
-    assert_int_equal(atomic_load(&f->flushed), (uint64_t)rounds);
+    assert_int_equal(atomic_load(&f->marks.flushed), (uint64_t)rounds);
     free(s);
     free(f);
     return res;
@@ -430,7 +430,7 @@ static void test_drained_handshake_stress(void **state)
 
 static bool output_full(harness *h)
 {
-    return atomic_load(&h->f->output_full);
+    return atomic_load(&h->f->marks.output_full);
 }
 
 /* Waits until the I/O thread found the fd full, and its output stalled. */
@@ -457,7 +457,7 @@ static void test_blocked(void **state)
     h_wait_full(h, h->out_queued);
     assert_int_equal(h->n_blocked, 0); /* no mark, no report */
     assert_true(mt_flow_arm_blocked(h->f, 64 * 1024));
-    assert_int_equal(atomic_load(&h->f->blocked_mark), 0);
+    assert_int_equal(atomic_load(&h->f->marks.blocked_mark), 0);
     h_write_many(h, 128 * 1024, 32 * 1024, 22);
     h_quiet(h, QUIET_MS);
     assert_int_equal(h->n_blocked, 0);
@@ -472,7 +472,7 @@ static void test_blocked(void **state)
      *    waiting: one BLOCKED. */
     h->peer_reading = false;
     assert_false(mt_flow_arm_blocked(h->f, 64 * 1024));
-    assert_int_equal(atomic_load(&h->f->blocked_mark), 64 * 1024);
+    assert_int_equal(atomic_load(&h->f->marks.blocked_mark), 64 * 1024);
     h_quiet(h, QUIET_MS);
     assert_int_equal(h->n_blocked, 0);
     /* One chain, handled in one batch: the report can only come from the
@@ -490,7 +490,7 @@ static void test_blocked(void **state)
     assert_true(h_run(h, blocked_seen, WAIT_MS));
     h_quiet(h, QUIET_MS);
     assert_int_equal(h->n_blocked, 1);
-    assert_int_equal(atomic_load(&h->f->blocked_mark), 0);
+    assert_int_equal(atomic_load(&h->f->marks.blocked_mark), 0);
     assert_true(output_full(h));
     h->peer_reading = true;
     assert_true(h_run(h, peer_rx_all, WAIT_MS));
@@ -505,12 +505,12 @@ static void test_blocked(void **state)
     h_wait_full(h, h->out_queued);
     h_quiet(h, QUIET_MS);
     assert_int_equal(h->n_blocked, 0);
-    assert_int_equal(atomic_load(&h->f->blocked_mark), 1024 * 1024);
+    assert_int_equal(atomic_load(&h->f->marks.blocked_mark), 1024 * 1024);
     h_write_many(h, 1024 * 1024, 32 * 1024, 25);
     assert_true(h_run(h, blocked_seen, WAIT_MS));
     h_quiet(h, QUIET_MS);
     assert_int_equal(h->n_blocked, 1);
-    assert_int_equal(atomic_load(&h->f->blocked_mark), 0);
+    assert_int_equal(atomic_load(&h->f->marks.blocked_mark), 0);
     h->peer_reading = true;
     assert_true(h_run(h, peer_rx_all, WAIT_MS));
     assert_int_equal(h->peer_rx_bad, 0);
