@@ -1,30 +1,106 @@
-"""Datagram endpoints (issue #12, first step): asyncio's own datagram
-transport over mtloop's fd watchers, on the loop thread.
+"""Datagram endpoints (UDP and Unix datagram sockets) on mtloop's I/O threads.
 
 BaseEventLoop.create_datagram_endpoint() does the argument checks, address
 resolution and socket setup as on the stock loop, then calls
-_make_datagram_transport() here.  The transport is the stock selector
-loop's, reading and sending with recvfrom()/sendto() from the loop thread
-through add_reader/add_writer, which mtloop implements in C; it needs of
-the loop only those watchers and a `_transports` map.  So datagram
-endpoints behave exactly as on the stock loop, at the stock loop's cost.
+_make_datagram_transport() here.  The transport's C core
+(mtloop._mtloop.DatagramCore) hands each sendto() to an I/O thread, which
+sends in batches (sendmmsg) and receives in batches (recvmmsg) while the
+loop keeps up; each datagram comes back as one datagram_received() call.
+Datagrams are never merged, split or reordered.
 
-The next step moves them to the I/O threads as a transport kind of their
-own (batched with recvmmsg/sendmmsg), on the seam in docs/transport-kinds.md.
+What stays in Python is cold: addresses that are not numeric (resolved
+here, as socket.sendto() would resolve them, or failed as it fails), the
+lifecycle (mtloop._transports.CoreTransport) and the socket's extra info.
 """
 
 from __future__ import annotations
 
+import os
 import socket
-from asyncio import selector_events
+import warnings
+from asyncio import transports, trsock
 from typing import Any
+
+from . import _mtloop
+from ._transports import CoreTransport
 
 __all__ = ["DatagramMethods", "DatagramTransport"]
 
+_FAMILY_NAMES = {socket.AF_INET: "AF_INET", socket.AF_INET6: "AF_INET6"}
 
-class DatagramTransport(selector_events._SelectorDatagramTransport):
-    """The stock datagram transport; its repr does not look for a selector,
-    which mtloop has none of."""
+
+def _numeric_address(family: int, addr: Any) -> Any:
+    """`addr` for a socket of `family` with its host made numeric, as
+    socket.sendto() would take it (resolving a name blocks, as it does
+    there); raises what sendto() raises for a bad one.  None for a family
+    the C core does not parse."""
+    if family in _FAMILY_NAMES:
+        name = _FAMILY_NAMES[family]
+        if not isinstance(addr, tuple):
+            raise TypeError(f"{name} address must be tuple, not {type(addr).__name__}")
+        if family == socket.AF_INET and len(addr) != 2:
+            raise TypeError("AF_INET address must be a pair (host, port)")
+        if family == socket.AF_INET6 and not 2 <= len(addr) <= 4:
+            raise TypeError("AF_INET6 address must be a tuple (host, port[, flowinfo[, scopeid]])")
+        host, port = addr[0], addr[1]
+        if not isinstance(port, int):
+            raise TypeError(f"'{type(port).__name__}' object cannot be interpreted as an integer")
+        if not 0 <= port <= 65535:
+            raise OverflowError("sendto(): port must be 0-65535.")
+        rest = tuple(addr[2:])
+        if host == "" or host == b"":
+            host = "0.0.0.0" if family == socket.AF_INET else "::"
+        elif host in ("<broadcast>", b"<broadcast>") and family == socket.AF_INET:
+            host = "255.255.255.255"
+        else:
+            sockaddr = socket.getaddrinfo(host, port, family, socket.SOCK_DGRAM)[0][4]
+            host = sockaddr[0]
+            if family == socket.AF_INET6 and len(rest) < 2 and sockaddr[3]:
+                rest = (rest[0] if rest else 0, sockaddr[3])  # the scope of "host%iface"
+        return (host, port) + rest
+    if family == socket.AF_UNIX:
+        path = os.fsencode(addr)
+        if len(path) >= 108 + (path[:1] == b"\0"):
+            raise OSError("AF_UNIX path too long")
+        return path
+    return None
+
+
+class DatagramTransport(_mtloop.DatagramSendMethods, CoreTransport, transports.DatagramTransport):
+    """asyncio's DatagramTransport on an mtloop I/O thread."""
+
+    # sendto() comes from DatagramSendMethods, in C.
+    __slots__ = ("_sock", "_sock_fd", "_address")
+
+    max_size = 256 * 1024  # the stock transport's read size (Unix sockets)
+
+    def __init__(self, loop: Any, sock: socket.socket, protocol: Any, address: Any = None,
+                 waiter: Any = None, extra: dict | None = None) -> None:
+        self._sock = None
+        self._sock_fd = sock.fileno()
+        self._address = address
+        self._lost_scheduled = False
+        # The core works on its own copy of the descriptor; `sock` is
+        # closed when the connection is lost, as the stock loop closes it.
+        self._core = _mtloop.DatagramCore(loop, self._sock_fd, self, protocol, sock.family,
+                                          address)
+        super().__init__(extra, loop)
+        try:
+            self._sock = sock
+            self._extra["socket"] = trsock.TransportSocket(sock)
+            try:
+                self._extra["sockname"] = sock.getsockname()
+            except OSError:
+                self._extra["sockname"] = None
+            if "peername" not in self._extra:
+                try:
+                    self._extra["peername"] = sock.getpeername()
+                except OSError:
+                    self._extra["peername"] = None
+            self._mt_start(protocol, waiter)
+        except BaseException:
+            self._mt_undo()
+            raise
 
     def __repr__(self) -> str:
         info = [self.__class__.__name__]
@@ -33,15 +109,68 @@ class DatagramTransport(selector_events._SelectorDatagramTransport):
         elif self._closing:
             info.append("closing")
         info.append(f"fd={self._sock_fd}")
-        if self._loop is not None and not self._loop.is_closed() and self._sock is not None:
-            info.append(f"bufsize={self.get_write_buffer_size()}")
+        if self._sock is not None and not self._closing:
+            try:
+                info.append(f"bufsize={self.get_write_buffer_size()}")
+            except RuntimeError:
+                pass  # a forked child
         return "<{}>".format(" ".join(info))
+
+    def __del__(self, _warn: Any = warnings.warn) -> None:
+        if getattr(self, "_sock", None) is not None and not self._lost_scheduled:
+            _warn(f"unclosed transport {self!r}", ResourceWarning, source=self)
+            # The core aborts the endpoint when it goes.
+            self._mt_lost()
+
+    # ---- the cold paths of sendto() ----------------------------------------
+
+    def _mt_sendto_slow(self, data: Any, addr: Any) -> None:
+        """sendto() to an address the core does not parse: resolved here,
+        or reported as the stock transport reports socket.sendto()'s
+        failure (OSError to error_received(), anything else fatal)."""
+        try:
+            target = _numeric_address(self._sock.family, addr)
+            if target is None:
+                # A family the core has no parser for: sent from here.
+                self._sock.sendto(data, addr)
+                return
+        except (BlockingIOError, InterruptedError):
+            return  # the socket is full: dropped, as the kernel drops
+        except OSError as exc:
+            self._protocol.error_received(exc)
+            return
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, "Fatal write error on datagram transport")
+            return
+        self._core.sendto_resolved(data, target)
+
+    def _mt_callback_error(self, exc: BaseException) -> None:
+        """datagram_received() or error_received() raised: reported as the
+        stock loop reports an exception in its read callback; the endpoint
+        stays open."""
+        self._loop.call_exception_handler({
+            "message": "Exception in callback of datagram protocol "
+                       f"{self._protocol!r}",
+            "exception": exc,
+            "transport": self,
+            "protocol": self._protocol,
+        })
+
+    # ---- the end of the endpoint -------------------------------------------------
+
+    def _mt_lost(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+
+    def _mt_loop_closed(self) -> None:
+        self._mt_lost()
 
 
 class DatagramMethods:
     """Mixin for mtloop.Loop: the hook of BaseEventLoop.create_datagram_endpoint()."""
-
-    _transports: Any
 
     def _make_datagram_transport(self, sock: socket.socket, protocol: Any, address: Any = None,
                                  waiter: Any = None, extra: dict | None = None) -> Any:

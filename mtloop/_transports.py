@@ -1,8 +1,9 @@
 """Transports whose I/O runs on mtloop's I/O threads.
 
-`FlowTransport` is the lifecycle every byte-stream transport kind shares
+`CoreTransport` is the lifecycle every transport around a C core shares
 (closing, aborting, errors, connection_lost exactly once, after the last
-delivery), around a C core (`mtloop._mtloop.StreamCore`): writes, reading,
+delivery); `FlowTransport` adds what byte streams share, around their C
+core (`mtloop._mtloop.StreamCore`): writes, reading,
 read credit and the dispatch of received data to the protocol are in C;
 the state machine of closing, errors and flow-control callbacks follows
 the stock selector transport here, in Python, where it is cold.  A kind
@@ -30,53 +31,42 @@ from . import _mtloop
 from ._sock import sendfile_source
 from ._trsock import PseudoSocket
 
-__all__ = ["FlowTransport", "SocketTransport"]
+__all__ = ["CoreTransport", "FlowTransport", "SocketTransport"]
 
 _ATTACH_TAKES_TRANSPORT = sys.version_info >= (3, 13)
 
 
 def _core_flag(name: str, doc: str) -> property:
-    def get(self: "FlowTransport") -> Any:
+    def get(self: "CoreTransport") -> Any:
         return getattr(self._core, name)
 
-    def set(self: "FlowTransport", value: Any) -> None:
+    def set(self: "CoreTransport", value: Any) -> None:
         setattr(self._core, name, value)
 
     return property(get, set, doc=doc)
 
 
-class FlowTransport(transports._FlowControlMixin, transports.Transport):
-    """What every mtloop byte-stream transport shares: the C core, reading,
-    and the way a connection ends.  Subclasses call _mt_open() first in
-    their __init__ and may extend _mt_lost()."""
+class CoreTransport(transports._FlowControlMixin, transports.Transport):
+    """What every mtloop transport around a C core shares, byte stream or
+    not: the lifecycle (closing, aborting, fatal errors, connection_lost
+    exactly once, after the last delivery) and write flow control, with
+    asyncio's state kept in the core.  A subclass makes `_core` and sets
+    `_lost_scheduled` before calling this class's __init__ (the
+    _FlowControlMixin's, which stores the marks in the core)."""
 
     __slots__ = ("_core", "_lost_scheduled", "__weakref__")
 
     # asyncio's attribute names, kept in the C core so both halves agree.
-    _sock_fd = property(lambda self: self._core.fd, doc="The transport's file descriptor.")
     _closing = _core_flag("closing", "close() or abort() was called.")
-    _eof = _core_flag("eof", "write_eof() was called.")
     _conn_lost = _core_flag("conn_lost", "Writes attempted after the connection was lost.")
     _protocol_paused = _core_flag("protocol_paused", "pause_writing() is in effect.")
     _high_water = _core_flag("high_water", "High-water mark of the write buffer.")
     _low_water = _core_flag("low_water", "Low-water mark of the write buffer.")
 
-    def _mt_open(self, loop: Any, fd: int, protocol: Any, dup: bool,
-                 extra: dict | None, tls: Any = None, kind: str = "socket") -> None:
-        """Makes the C core (from here on the record owns `fd`, or a copy
-        of it when `dup`) and the asyncio base.  `tls`: a session from
-        mtloop._tls.new_session() makes the flow a native TLS one.  `kind`:
-        the fd operations, "socket", "read-pipe" or "write-pipe"."""
-        self._lost_scheduled = False
-        if tls is None:
-            self._core = _mtloop.StreamCore(loop, fd, self, protocol, dup, kind=kind)
-        else:
-            self._core = _mtloop.StreamCore(loop, fd, self, protocol, dup, tls)
-        super().__init__(extra, loop)
-
     def _mt_undo(self) -> None:
-        """__init__ failed after _mt_open(): let go of the connection now,
-        rather than leave it open on the I/O thread until the loop closes."""
+        """__init__ failed after the core was made: let go of the connection
+        now, rather than leave it open on the I/O thread until the loop
+        closes."""
         core = getattr(self, "_core", None)
         if core is not None:
             self._lost_scheduled = True
@@ -90,29 +80,6 @@ class FlowTransport(transports._FlowControlMixin, transports.Transport):
             self._loop.call_soon(self._core.start_reading)
         if waiter is not None:
             self._loop.call_soon(futures._set_result_unless_cancelled, waiter, None)
-
-    def __repr__(self) -> str:
-        info = [self.__class__.__name__]
-        fd = self._core.fd
-        if fd < 0:
-            info.append("closed")
-        elif self._closing:
-            info.append("closing")
-        info.append(f"fd={fd}")
-        if fd >= 0 and not self._closing:
-            info.append("read=" + ("polling" if self.is_reading() else "idle"))
-            try:
-                info.append(f"write=<bufsize={self.get_write_buffer_size()}>")
-            except RuntimeError:
-                pass  # a forked child
-        return "<{}>".format(" ".join(info))
-
-    def __del__(self, _warn: Any = warnings.warn) -> None:
-        core = getattr(self, "_core", None)
-        if core is not None and core.fd >= 0 and not self._lost_scheduled:
-            _warn(f"unclosed transport {self!r}", ResourceWarning, source=self)
-            # The core aborts the connection when it goes.
-            self._mt_lost()
 
     # ---- asyncio.BaseTransport ------------------------------------------
 
@@ -140,19 +107,6 @@ class FlowTransport(transports._FlowControlMixin, transports.Transport):
             # the release on its own.
             core.conn_lost += 1
             self._schedule_connection_lost(None)
-
-    # ---- asyncio.ReadTransport -----------------------------------------
-
-    def is_reading(self) -> bool:
-        return not self._core.reading_paused and not self._core.closing
-
-    def pause_reading(self) -> None:
-        if self._core.pause_reading() and self._loop.get_debug():
-            logger.debug("%r pauses reading", self)
-
-    def resume_reading(self) -> None:
-        if self._core.resume_reading() and self._loop.get_debug():
-            logger.debug("%r resumes reading", self)
 
     # ---- asyncio.WriteTransport ----------------------------------------
 
@@ -184,37 +138,6 @@ class FlowTransport(transports._FlowControlMixin, transports.Transport):
         core.conn_lost += 1
         core.abort()
         self._schedule_connection_lost(exc)
-
-    def _mt_eof(self) -> None:
-        if self._lost_scheduled:
-            return
-        if self._loop.get_debug():
-            logger.debug("%r received EOF", self)
-        try:
-            keep_open = self._protocol.eof_received()
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except BaseException as exc:
-            self._fatal_error(exc, "Fatal error: protocol.eof_received() call failed.")
-            return
-        self._mt_after_eof(keep_open)
-
-    def _mt_after_eof(self, keep_open: Any) -> None:
-        """eof_received() returned `keep_open`."""
-        if not keep_open:
-            self.close()
-
-    def _mt_read_error(self, err: int) -> None:
-        if self._lost_scheduled:
-            return  # in flight when the transport was aborted
-        self._fatal_error(OSError(err, os.strerror(err)),
-                          "Fatal read error on socket transport")
-
-    def _mt_write_error(self, err: int) -> None:
-        if self._lost_scheduled:
-            return  # in flight when the transport was aborted
-        self._fatal_error(OSError(err, os.strerror(err)),
-                          "Fatal write error on socket transport")
 
     def _schedule_connection_lost(self, exc: BaseException | None) -> None:
         if not self._lost_scheduled:
@@ -251,6 +174,99 @@ class FlowTransport(transports._FlowControlMixin, transports.Transport):
         """The loop closed with this transport open: the C record closed the
         descriptor; close what else holds the connection open."""
 
+
+class FlowTransport(CoreTransport):
+    """What every mtloop byte-stream transport shares: the C core
+    (mtloop._mtloop.StreamCore), reading, and the way a stream ends.
+    Subclasses call _mt_open() first in their __init__ and may extend
+    _mt_lost()."""
+
+    __slots__ = ()
+
+    _sock_fd = property(lambda self: self._core.fd, doc="The transport's file descriptor.")
+    _eof = _core_flag("eof", "write_eof() was called.")
+
+    def _mt_open(self, loop: Any, fd: int, protocol: Any, dup: bool,
+                 extra: dict | None, tls: Any = None, kind: str = "socket") -> None:
+        """Makes the C core (from here on the record owns `fd`, or a copy
+        of it when `dup`) and the asyncio base.  `tls`: a session from
+        mtloop._tls.new_session() makes the flow a native TLS one.  `kind`:
+        the fd operations, "socket", "read-pipe" or "write-pipe"."""
+        self._lost_scheduled = False
+        if tls is None:
+            self._core = _mtloop.StreamCore(loop, fd, self, protocol, dup, kind=kind)
+        else:
+            self._core = _mtloop.StreamCore(loop, fd, self, protocol, dup, tls)
+        super().__init__(extra, loop)
+
+    def __repr__(self) -> str:
+        info = [self.__class__.__name__]
+        fd = self._core.fd
+        if fd < 0:
+            info.append("closed")
+        elif self._closing:
+            info.append("closing")
+        info.append(f"fd={fd}")
+        if fd >= 0 and not self._closing:
+            info.append("read=" + ("polling" if self.is_reading() else "idle"))
+            try:
+                info.append(f"write=<bufsize={self.get_write_buffer_size()}>")
+            except RuntimeError:
+                pass  # a forked child
+        return "<{}>".format(" ".join(info))
+
+    def __del__(self, _warn: Any = warnings.warn) -> None:
+        core = getattr(self, "_core", None)
+        if core is not None and core.fd >= 0 and not self._lost_scheduled:
+            _warn(f"unclosed transport {self!r}", ResourceWarning, source=self)
+            # The core aborts the connection when it goes.
+            self._mt_lost()
+
+    # ---- asyncio.ReadTransport -----------------------------------------
+
+    def is_reading(self) -> bool:
+        return not self._core.reading_paused and not self._core.closing
+
+    def pause_reading(self) -> None:
+        if self._core.pause_reading() and self._loop.get_debug():
+            logger.debug("%r pauses reading", self)
+
+    def resume_reading(self) -> None:
+        if self._core.resume_reading() and self._loop.get_debug():
+            logger.debug("%r resumes reading", self)
+
+    # ---- the end of the stream --------------------------------------------
+
+    def _mt_eof(self) -> None:
+        if self._lost_scheduled:
+            return
+        if self._loop.get_debug():
+            logger.debug("%r received EOF", self)
+        try:
+            keep_open = self._protocol.eof_received()
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, "Fatal error: protocol.eof_received() call failed.")
+            return
+        self._mt_after_eof(keep_open)
+
+    def _mt_after_eof(self, keep_open: Any) -> None:
+        """eof_received() returned `keep_open`."""
+        if not keep_open:
+            self.close()
+
+    def _mt_read_error(self, err: int) -> None:
+        if self._lost_scheduled:
+            return  # in flight when the transport was aborted
+        self._fatal_error(OSError(err, os.strerror(err)),
+                          "Fatal read error on socket transport")
+
+    def _mt_write_error(self, err: int) -> None:
+        if self._lost_scheduled:
+            return  # in flight when the transport was aborted
+        self._fatal_error(OSError(err, os.strerror(err)),
+                          "Fatal write error on socket transport")
 
 class SocketTransport(_mtloop.StreamWriteMethods, FlowTransport):
     """A TCP or Unix stream transport driven by an mtloop I/O thread."""

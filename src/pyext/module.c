@@ -2,10 +2,12 @@
 #include "pyext/module.h"
 
 #include <event2/event.h>
+#include <structmember.h>
 
 #include "io_threads/runtime.h"
 #include "loop/handle.h"
 #include "loop/loop.h"
+#include "transport/datagram_core.h"
 #include "transport/listener_core.h"
 #include "transport/stream_core.h"
 #include "transport/tls_core.h"
@@ -25,6 +27,38 @@ PyObject *mt_call_helper(const char *name, PyObject *const *args, size_t nargs)
     PyObject *res = PyObject_Vectorcall(func, args, nargs, NULL);
     Py_DECREF(func);
     return res;
+}
+
+static Py_ssize_t core_slot_offset(mt_core_slot *cache, PyTypeObject *type)
+{
+    if (type == cache->type)
+        return cache->offset;
+    PyObject *descr = PyObject_GetAttrString((PyObject *)type, "_core");
+    Py_ssize_t offset = 0;
+    if (descr != NULL && Py_IS_TYPE(descr, &PyMemberDescr_Type) &&
+        ((PyMemberDescrObject *)descr)->d_member->type == T_OBJECT_EX)
+        offset = ((PyMemberDescrObject *)descr)->d_member->offset;
+    Py_XDECREF(descr);
+    PyErr_Clear();
+    Py_XSETREF(cache->type, (PyTypeObject *)Py_NewRef((PyObject *)type));
+    cache->offset = offset;
+    return offset;
+}
+
+PyObject *mt_transport_core(mt_core_slot *cache, PyObject *transport, PyTypeObject *core_type)
+{
+    Py_ssize_t offset = core_slot_offset(cache, Py_TYPE(transport));
+    if (offset > 0) {
+        PyObject *core = *(PyObject **)((char *)transport + offset);
+        if (core != NULL && Py_IS_TYPE(core, core_type))
+            return Py_NewRef(core);
+    }
+    PyObject *core = PyObject_GetAttrString(transport, "_core");
+    if (core != NULL && !PyObject_TypeCheck(core, core_type)) {
+        PyErr_Format(PyExc_TypeError, "transport has no %s", core_type->tp_name);
+        Py_CLEAR(core);
+    }
+    return core;
 }
 
 /* libevent reports problems on stderr by default; every failure that
@@ -137,6 +171,7 @@ PyMODINIT_FUNC PyInit__mtloop(void)
     mt_runtime_init();
     if (mt_handles_init() < 0 || mt_loop_type_init(m) < 0 ||
         mt_stream_core_type_init(m) < 0 || mt_listener_core_type_init(m) < 0 ||
+        mt_datagram_core_type_init(m) < 0 ||
         mt_tls_core_init(m) < 0) {
         Py_DECREF(m);
         return NULL;

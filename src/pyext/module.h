@@ -8,4 +8,17 @@
  * (formatting, logging).  Returns a new reference or NULL. */
 PyObject *mt_call_helper(const char *name, PyObject *const *args, size_t nargs);
 
+/* Where a transport class keeps its C core: the `_core` slot's offset in
+ * the last class seen, so a method of the transport written in C reads one
+ * pointer instead of looking the attribute up (which cost as much as the
+ * Python method it replaces).  One cache per call site. */
+typedef struct mt_core_slot {
+    PyTypeObject *type; /* strong */
+    Py_ssize_t offset;  /* 0: look the attribute up */
+} mt_core_slot;
+
+/* The transport's `_core` if it is a `core_type`: a new reference, or NULL
+ * with TypeError. */
+PyObject *mt_transport_core(mt_core_slot *cache, PyObject *transport, PyTypeObject *core_type);
+
 #endif

@@ -1,6 +1,8 @@
 /* Listener: the loop-thread half of servers.  See listener_core.h. */
 #include "transport/listener_core.h"
 
+#include "transport/sockaddr.h"
+
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -20,62 +22,6 @@ typedef struct {
                                the next peer from the same host */
     bool closed;
 } mt_listener_obj;
-
-/* The host string for `text`: the previous peer's object when it is the
- * same host (many connections come from few hosts; each string is about
- * 60 bytes a connection kept in peername).  New reference or NULL. */
-static PyObject *peer_host(mt_listener_obj *self, const char *text)
-{
-    const char *prev = self->last_host != NULL ? PyUnicode_AsUTF8(self->last_host) : NULL;
-    if (prev != NULL && strcmp(prev, text) == 0)
-        return Py_NewRef(self->last_host);
-    PyErr_Clear(); /* an unencodable previous host only means no sharing */
-    PyObject *host = PyUnicode_FromString(text);
-    if (host != NULL)
-        Py_XSETREF(self->last_host, Py_NewRef(host));
-    return host;
-}
-
-/* A socket address as the socket module returns it, or NULL. */
-static PyObject *sockaddr_to_py(mt_listener_obj *self, const struct sockaddr *sa, socklen_t len)
-{
-    char text[INET6_ADDRSTRLEN];
-    PyObject *host, *addr;
-    switch (sa->sa_family) {
-    case AF_INET: {
-        const struct sockaddr_in *in = (const struct sockaddr_in *)sa;
-        inet_ntop(AF_INET, &in->sin_addr, text, sizeof(text));
-        if ((host = peer_host(self, text)) == NULL)
-            return NULL;
-        addr = Py_BuildValue("(Oi)", host, ntohs(in->sin_port));
-        Py_DECREF(host);
-        return addr;
-    }
-    case AF_INET6: {
-        const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)sa;
-        inet_ntop(AF_INET6, &in6->sin6_addr, text, sizeof(text));
-        if ((host = peer_host(self, text)) == NULL)
-            return NULL;
-        addr = Py_BuildValue("(OiII)", host, ntohs(in6->sin6_port),
-                             (unsigned)ntohl(in6->sin6_flowinfo), (unsigned)in6->sin6_scope_id);
-        Py_DECREF(host);
-        return addr;
-    }
-    case AF_UNIX: {
-        const struct sockaddr_un *un = (const struct sockaddr_un *)sa;
-        size_t off = offsetof(struct sockaddr_un, sun_path);
-        if (len <= off)
-            return PyUnicode_FromString("");
-        size_t n = len - off;
-        if (un->sun_path[0] == '\0') /* Linux abstract namespace */
-            return PyBytes_FromStringAndSize(un->sun_path, (Py_ssize_t)n);
-        return PyUnicode_DecodeFSDefaultAndSize(un->sun_path,
-                                                (Py_ssize_t)strnlen(un->sun_path, n));
-    }
-    default:
-        return Py_BuildValue("(iy#)", sa->sa_family, (const char *)sa, (Py_ssize_t)len);
-    }
-}
 
 static int call_failed(PyObject *ctx)
 {
@@ -119,7 +65,7 @@ static int listener_dispatch(mt_loop *loop, mt_msg *msg)
     PyObject *res = NULL;
     if (msg->op == MT_LISTENER_ACCEPT) {
         mt_accepted *a = mt_msg_data(msg);
-        PyObject *addr = sockaddr_to_py(self, (struct sockaddr *)&a->addr, a->addrlen);
+        PyObject *addr = mt_sockaddr_to_py(&self->last_host, (struct sockaddr *)&a->addr, a->addrlen);
         if (addr != NULL) {
             int fd = a->fd;
             a->fd = -1; /* the callback owns it now */

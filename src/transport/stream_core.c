@@ -1227,50 +1227,12 @@ PyTypeObject mt_StreamCoreType = {
  * connection (a per-instance bound method cost 72 bytes of every idle
  * connection). */
 
-static PyObject *core_attr; /* interned "_core" */
-
-/* Where the `_core` slot sits in instances of the last transport class
- * seen: a member descriptor's offset, so the hot path reads one pointer
- * instead of looking the attribute up (which cost as much as the Python
- * method this replaces).  0: look it up. */
-static PyTypeObject *core_slot_type; /* strong */
-static Py_ssize_t core_slot_offset;
-
-static Py_ssize_t core_slot(PyTypeObject *type)
-{
-    if (type == core_slot_type)
-        return core_slot_offset;
-    PyObject *descr = PyObject_GetAttr((PyObject *)type, core_attr);
-    Py_ssize_t offset = 0;
-    if (descr != NULL && Py_IS_TYPE(descr, &PyMemberDescr_Type) &&
-        ((PyMemberDescrObject *)descr)->d_member->type == T_OBJECT_EX)
-        offset = ((PyMemberDescrObject *)descr)->d_member->offset;
-    Py_XDECREF(descr);
-    PyErr_Clear();
-    Py_XSETREF(core_slot_type, (PyTypeObject *)Py_NewRef((PyObject *)type));
-    core_slot_offset = offset;
-    return offset;
-}
-
-static mt_stream_core *transport_core(PyObject *transport)
-{
-    Py_ssize_t offset = core_slot(Py_TYPE(transport));
-    if (offset > 0) {
-        PyObject *core = *(PyObject **)((char *)transport + offset);
-        if (core != NULL && Py_IS_TYPE(core, &mt_StreamCoreType))
-            return (mt_stream_core *)Py_NewRef(core);
-    }
-    PyObject *core = PyObject_GetAttr(transport, core_attr);
-    if (core != NULL && !PyObject_TypeCheck(core, &mt_StreamCoreType)) {
-        PyErr_SetString(PyExc_TypeError, "transport has no stream core");
-        Py_CLEAR(core);
-    }
-    return (mt_stream_core *)core;
-}
+static mt_core_slot write_slot; /* where transport_write() finds the core */
 
 static PyObject *transport_write(PyObject *transport, PyObject *data)
 {
-    mt_stream_core *core = transport_core(transport);
+    mt_stream_core *core =
+        (mt_stream_core *)mt_transport_core(&write_slot, transport, &mt_StreamCoreType);
     if (core == NULL)
         return NULL;
     PyObject *res = core_write(core, data);
@@ -1280,7 +1242,8 @@ static PyObject *transport_write(PyObject *transport, PyObject *data)
 
 static PyObject *transport_writelines(PyObject *transport, PyObject *seq)
 {
-    mt_stream_core *core = transport_core(transport);
+    mt_stream_core *core =
+        (mt_stream_core *)mt_transport_core(&write_slot, transport, &mt_StreamCoreType);
     if (core == NULL)
         return NULL;
     PyObject *res = core_writelines(core, seq);
@@ -1308,8 +1271,7 @@ PyTypeObject mt_StreamWriteMethodsType = {
 
 int mt_stream_core_type_init(PyObject *module)
 {
-    core_attr = PyUnicode_InternFromString("_core");
-    if (core_attr == NULL || PyType_Ready(&mt_StreamWriteMethodsType) < 0 ||
+    if (PyType_Ready(&mt_StreamWriteMethodsType) < 0 ||
         PyModule_AddObjectRef(module, "StreamWriteMethods",
                               (PyObject *)&mt_StreamWriteMethodsType) < 0)
         return -1;
