@@ -15,10 +15,12 @@ lifecycle (mtloop._transports.CoreTransport) and the socket's extra info.
 
 from __future__ import annotations
 
+import inspect
 import os
 import socket
+import sys
 import warnings
-from asyncio import transports, trsock
+from asyncio import selector_events, transports, trsock
 from typing import Any
 
 from . import _mtloop
@@ -27,6 +29,23 @@ from ._transports import CoreTransport
 __all__ = ["DatagramMethods", "DatagramTransport"]
 
 _FAMILY_NAMES = {socket.AF_INET: "AF_INET", socket.AF_INET6: "AF_INET6"}
+
+
+def _stock_sendto_rules() -> tuple[bool, int]:
+    """What the stock datagram transport of this Python does, which changed
+    within 3.12's and 3.13's releases: whether sendto(b"") sends an empty
+    datagram, and the bytes of header it counts per queued datagram in the
+    write-buffer size.  Read from its source; by version without one."""
+    try:
+        source = inspect.getsource(selector_events._SelectorDatagramTransport.sendto)
+    except (OSError, TypeError):
+        return sys.version_info >= (3, 13), 8 if sys.version_info >= (3, 13) else 0
+    sends_empty = "if not data" not in source
+    header = 8 if ("+ 8" in source or "_header_size" in source) else 0
+    return sends_empty, header
+
+
+_SENDS_EMPTY, _HEADER_SIZE = _stock_sendto_rules()
 
 
 def _numeric_address(family: int, addr: Any) -> Any:
@@ -83,7 +102,7 @@ class DatagramTransport(_mtloop.DatagramSendMethods, CoreTransport, transports.D
         # The core works on its own copy of the descriptor; `sock` is
         # closed when the connection is lost, as the stock loop closes it.
         self._core = _mtloop.DatagramCore(loop, self._sock_fd, self, protocol, sock.family,
-                                          address)
+                                          address, _SENDS_EMPTY, _HEADER_SIZE)
         super().__init__(extra, loop)
         try:
             self._sock = sock

@@ -14,15 +14,6 @@
 
 #define DEFAULT_HIGH_WATER (64 * 1024)
 
-/* asyncio's datagram transport counts 8 bytes of header a datagram in its
- * write-buffer size from 3.12 on, and drops empty datagrams before. */
-#if PY_VERSION_HEX >= 0x030C0000
-#define DGRAM_OVERHEAD 8
-#define DGRAM_SENDS_EMPTY 1
-#else
-#define DGRAM_OVERHEAD 0
-#define DGRAM_SENDS_EMPTY 0
-#endif
 
 typedef struct mt_dgram_core {
     PyObject_HEAD
@@ -34,6 +25,7 @@ typedef struct mt_dgram_core {
     PyObject *address;           /* the connected peer (sendto's default), or None */
     PyObject *last_host;         /* the last sender's host string */
     int family;
+    bool sends_empty;            /* sendto(b"") sends (newer asyncio) or drops */
     bool closing, closed, protocol_paused;
     int conn_lost;
     Py_ssize_t high_water, low_water;
@@ -212,7 +204,7 @@ static PyObject *queue_send(mt_dgram_core *self, const void *buf, size_t len,
 static PyObject *send_view(mt_dgram_core *self, PyObject *data, const void *buf, size_t len,
                            PyObject *addr)
 {
-    if (!DGRAM_SENDS_EMPTY && len == 0)
+    if (!self->sends_empty && len == 0)
         Py_RETURN_NONE;
     if (self->address != Py_None) {
         if (addr != Py_None && addr != self->address) {
@@ -494,12 +486,14 @@ static PyObject *core_set_protocol(mt_dgram_core *self, PyObject *protocol)
 
 static PyObject *core_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"loop", "fd", "transport", "protocol", "family", "address", NULL};
+    static char *kwlist[] = {"loop", "fd", "transport", "protocol", "family", "address",
+                             "sends_empty", "header_size", NULL};
     PyObject *loop_obj, *transport, *protocol, *address = Py_None;
-    int fd, family;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!iOOi|O:DatagramCore", kwlist,
+    int fd, family, sends_empty = 1;
+    unsigned int header_size = 8;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!iOOi|OpI:DatagramCore", kwlist,
                                      &mt_LoopCoreType, &loop_obj, &fd, &transport, &protocol,
-                                     &family, &address))
+                                     &family, &address, &sends_empty, &header_size))
         return NULL;
     if (fd < 0) {
         PyErr_SetString(PyExc_ValueError, "invalid file descriptor");
@@ -516,6 +510,7 @@ static PyObject *core_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->protocol = Py_NewRef(protocol);
     self->address = Py_NewRef(address);
     self->family = family;
+    self->sends_empty = sends_empty;
     self->high_water = DEFAULT_HIGH_WATER;
     self->low_water = DEFAULT_HIGH_WATER / 4;
     /* The record works on its own copy: the socket object stays the
@@ -525,7 +520,7 @@ static PyObject *core_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         Py_DECREF(self);
         return PyErr_SetFromErrno(PyExc_OSError);
     }
-    self->dgram = mt_dgram_new(&dgram_loop_ops, loop->sink, io, own, family, DGRAM_OVERHEAD);
+    self->dgram = mt_dgram_new(&dgram_loop_ops, loop->sink, io, own, family, header_size);
     if (self->dgram == NULL) {
         close(own);
         Py_DECREF(self);
