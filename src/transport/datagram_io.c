@@ -204,8 +204,8 @@ static void pop_sent(mt_io_thread *io, mt_dgram *d, bool sent)
     d->out_units -= units;
     if (sent)
         mt_counter_add(&mt_io_thread_stats(io)->bytes_written, n);
-    mt_msg_free(m);
     note_flushed(io, d, units);
+    mt_msg_free(m);
 }
 
 static void flush(mt_io_thread *io, mt_dgram *d)
@@ -285,8 +285,9 @@ static void dgram_message(mt_io_thread *io, mt_record *rec, mt_msg *msg)
     }
     uint64_t units = mt_dgram_units(d, mt_dgram_size(msg));
     if (d->closed) {
-        mt_msg_free(msg);
+        /* Counted first: the message's reference may be the record's last. */
         note_flushed(io, d, units);
+        mt_msg_free(msg);
         return;
     }
     atomic_store_explicit(&msg->node.next, NULL, memory_order_relaxed);
@@ -320,8 +321,13 @@ static void dgram_service(mt_io_thread *io, mt_record *rec, uint32_t control)
     if (control & MT_DGRAM_CREDIT)
         d->starved = false;
     update_interest(io, d);
-    if (!d->closed && !d->want_write)
+    if (d->closed)
+        return;
+    if (!d->want_write)
         flush(io, d); /* also releases a closing record with nothing queued */
+    else if (mt_out_take_blocked(&d->marks, d->out_units))
+        /* More waits behind the full socket: the loop asked about this much. */
+        (void)mt_io_thread_emit_op(io, &d->rec, MT_DGRAM_BLOCKED, 0);
 }
 
 static void dgram_drop(mt_io_thread *io, mt_record *rec, bool notify)

@@ -488,9 +488,10 @@ static void flow_message(mt_io_thread *io, mt_record *rec, mt_msg *msg)
     case MT_FLOW_WRITE:
     case MT_FLOW_WRITE_REF:
         if (msg->len == 0 || f->closed || f->write_failed) {
-            uint64_t len = msg->len;
+            /* Counted first: the message's reference may be the flow's
+             * last (a closed flow whose loop half let go meanwhile). */
+            note_flushed(io, f, msg->len);
             out_done(io, msg);
-            note_flushed(io, f, len);
             return;
         }
         atomic_store_explicit(&msg->node.next, NULL, memory_order_relaxed);
