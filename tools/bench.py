@@ -45,7 +45,10 @@ server process's own (its children's is not counted).
 UDP scenarios (--udp) serve a datagram echo endpoint (mode udp) to the load
 generator's --udp: a connected socket per "connection", one datagram in
 flight each, every echo checked; a datagram not echoed within 0.1 s is
-counted as lost ("lost" in the JSON) and the next one goes.
+counted as lost ("lost" in the JSON) and the next one goes.  "udp receive"
+is one way: the load generator's --udp-flood sends back to back from every
+socket into a server that only counts (mode udp-sink); "requests" are the
+datagrams its protocol received, "lost" the ones the kernel dropped.
 
 A loop named mtloop:N runs mtloop with N I/O threads.  --clients K splits
 the connections over K load generators pinned to the last K CPUs (requests
@@ -110,6 +113,7 @@ class Scenario:
     http: bool = False          # an HTTP server (mode asgi) under wrk, not an echo
     proc: bool = False          # a subprocess workload run by the server (mode pipe, spawn)
     udp: bool = False           # datagrams (mode udp, the load generator's --udp)
+    flood: bool = False         # one way: --udp-flood into mode udp-sink
 
 
 QUICK = [
@@ -156,8 +160,9 @@ PROCS = [
 UDP = [
     Scenario("udp echo 64B x32", mode="udp", size=64, udp=True),
     Scenario("udp echo 1KiB x32", mode="udp", size=1024, udp=True),
+    Scenario("udp receive 64B x32", mode="udp-sink", size=64, udp=True, flood=True),
 ]
-UNITS = {"pipe": "MiB", "spawn": "children", "udp": "datagrams"}  # a "request", by mode
+UNITS = {"pipe": "MiB", "spawn": "children", "udp": "datagrams", "udp-sink": "datagrams"}  # a "request", by mode
 SMOKE = [Scenario("protocol 1KiB x4", connections=4),
          Scenario("idle x50", connections=50, idle=True)]
 
@@ -381,7 +386,7 @@ class Server:
         cpus = Server.cpus
         self.proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, text=True, env=env,
-            stdin=subprocess.PIPE if sc.proc else None,
+            stdin=subprocess.PIPE if sc.proc or sc.flood else None,
             preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
         line = self.proc.stdout.readline()  # type: ignore[union-attr]
         if not line.startswith("READY"):
@@ -406,6 +411,13 @@ class Server:
         if not line:
             raise RuntimeError("the server ended during its workload")
         return json.loads(line)
+
+    def received(self) -> int:
+        """A udp-sink server's count of datagrams received so far."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write("COUNT\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())["received"]
 
     def cpu(self) -> tuple[float, float]:
         """(loop thread, other threads) CPU seconds so far."""
@@ -440,7 +452,7 @@ def loadgen(binary: Path, port: int, sc: Scenario, seconds: float,
         if sc.reconnect:
             cmd.append("--reconnect")
         if sc.udp:
-            cmd.append("--udp")
+            cmd.append("--udp-flood" if sc.flood else "--udp")
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True))
     reports = []
@@ -485,6 +497,24 @@ def run_echo(binary: Path, loop: str, sc: Scenario, seconds: float,
              cpu: list[int | None]) -> dict:
     server = Server(loop, sc)
     return measure(server, lambda s: loadgen(binary, server.port, sc, s, cpu), seconds)
+
+
+def run_flood(binary: Path, loop: str, sc: Scenario, seconds: float,
+              cpu: list[int | None]) -> dict:
+    """One way: the load generator sends for `seconds`, the server counts
+    what its protocol received; "requests" are datagrams received, "lost"
+    those sent and never received (the kernel dropped them)."""
+    server = Server(loop, sc)
+
+    def drive(s: float) -> dict:
+        before = server.received()
+        r = loadgen(binary, server.port, sc, s, cpu)
+        time.sleep(0.05)  # what is in flight still counts
+        got = server.received() - before
+        return {**r, "requests": got, "rps": got / max(r.get("seconds", s), 1e-9),
+                "sent": r["requests"], "lost": max(r["requests"] - got, 0)}
+
+    return measure(server, drive, seconds)
 
 
 WRK_UNITS = {"us": 1.0, "ms": 1e3, "s": 1e6}
@@ -831,6 +861,7 @@ def main() -> int:
                     r = (run_idle(loop, sc, seconds) if sc.idle
                          else run_proc(loop, sc, seconds) if sc.proc
                          else run_http(loop, sc, seconds, client_cpus) if sc.http
+                         else run_flood(binary, loop, sc, seconds, client_cpus) if sc.flood
                          else run_echo(binary, loop, sc, seconds, client_cpus))
                 except Exception as exc:  # a failing loop must not hide the others
                     log(f"[{done}/{total}] {sc.name} {loop}: FAILED: {exc}")

@@ -19,7 +19,9 @@ listens (the file tells tools/bench.py which mtloop a baseline run really
 imported), then serves until SIGTERM or SIGINT.
 
 udp: a datagram echo endpoint (create_datagram_endpoint), for the load
-generator's --udp.
+generator's --udp.  udp-sink: a datagram endpoint that only counts, for
+its --udp-flood; each "COUNT" line on stdin is answered with a JSON line
+{"received": n}.
 
 Two modes drive subprocesses instead of serving (port 0): each line "RUN
 <seconds>" on stdin runs the workload once and prints its figures as a
@@ -245,6 +247,27 @@ async def serve_udp(args: argparse.Namespace) -> None:
     transport.close()
 
 
+class UdpSink(asyncio.DatagramProtocol):
+    received = 0
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.received += 1
+
+
+async def serve_udp_sink(args: argparse.Namespace) -> None:
+    """The udp-sink mode: a datagram endpoint that only counts what it
+    receives, and says how many on each "COUNT" line."""
+    import json
+    loop = asyncio.get_running_loop()
+    transport, sink = await loop.create_datagram_endpoint(UdpSink,
+                                                          local_addr=("127.0.0.1", args.port))
+    origin = getattr(sys.modules.get(args.loop), "__file__", None) or "-"
+    print(f"READY {transport.get_extra_info('sockname')[1]} {origin}", flush=True)
+    while (await loop.run_in_executor(None, sys.stdin.readline)).startswith("COUNT"):
+        print(json.dumps({"received": sink.received}), flush=True)
+    transport.close()
+
+
 async def serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     if args.mode in ("pipe", "spawn"):
@@ -252,6 +275,9 @@ async def serve(args: argparse.Namespace) -> None:
         return
     if args.mode == "udp":
         await serve_udp(args)
+        return
+    if args.mode == "udp-sink":
+        await serve_udp_sink(args)
         return
     stop = loop.create_future()
     if args.mode != "asgi":  # uvicorn installs its own
@@ -347,7 +373,7 @@ def main() -> None:
                         choices=("asyncio", "uvloop", "rloop", "mtloop"))
     parser.add_argument("--mode", default="protocol",
                         choices=("protocol", "buffered", "streams", "sock", "asgi",
-                                 "pipe", "spawn", "udp"))
+                                 "pipe", "spawn", "udp", "udp-sink"))
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--work-us", type=float, default=0.0)
     parser.add_argument("--port", type=int, default=0)

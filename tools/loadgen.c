@@ -40,6 +40,11 @@
  * echo that comes after that counts as late and is ignored.  A datagram
  * that is neither (the wrong length or bytes) is an error.
  *
+ * --udp-flood measures a receiver instead: every socket sends datagrams
+ * back to back, round robin, without waiting for echoes (anything that
+ * comes back is read and dropped); `requests` counts what was sent, and
+ * the receiver reports what it got (tools/bench_server.py --mode udp-sink).
+ *
  * Exit status: 0 on success, 1 if any error occurred or no request completed,
  * 2 on bad usage.
  */
@@ -235,6 +240,7 @@ struct options {
     double connect_timeout;
     bool tls, tls_reuse, reconnect;
     bool udp;
+    bool udp_flood;             /* send without waiting for echoes */
     double udp_timeout;         /* seconds */
 };
 
@@ -315,6 +321,8 @@ static void usage(FILE *f)
         "      --udp               UDP: a connected socket per connection, one datagram in\n"
         "                          flight each (-s 8..65507)\n"
         "      --udp-timeout SECONDS  a datagram not echoed by then is lost (default 0.1)\n"
+        "      --udp-flood         UDP one way: each socket sends datagrams back to back,\n"
+        "                          echoes are not awaited; `requests` counts the sends\n"
         "  -h, --help              show this help\n"
         "\n"
         "Exit status: 0 ok, 1 errors or no request completed, 2 bad usage.\n");
@@ -359,7 +367,7 @@ static double parse_seconds(const char *name, const char *s, bool allow_zero)
 
 enum {
     OPT_HOST = 256, OPT_PORT, OPT_UNIX, OPT_WARMUP, OPT_JSON, OPT_CPU,
-    OPT_CONNECT_TIMEOUT, OPT_TLS, OPT_TLS_REUSE, OPT_RECONNECT, OPT_UDP, OPT_UDP_TIMEOUT,
+    OPT_CONNECT_TIMEOUT, OPT_TLS, OPT_TLS_REUSE, OPT_RECONNECT, OPT_UDP, OPT_UDP_TIMEOUT, OPT_UDP_FLOOD,
 };
 
 static void parse_args(int argc, char **argv)
@@ -382,6 +390,7 @@ static void parse_args(int argc, char **argv)
         {"reconnect", no_argument, NULL, OPT_RECONNECT},
         {"udp", no_argument, NULL, OPT_UDP},
         {"udp-timeout", required_argument, NULL, OPT_UDP_TIMEOUT},
+        {"udp-flood", no_argument, NULL, OPT_UDP_FLOOD},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
@@ -410,6 +419,7 @@ static void parse_args(int argc, char **argv)
         case OPT_TLS_REUSE: opt.tls_reuse = true; break;
         case OPT_RECONNECT: opt.reconnect = true; break;
         case OPT_UDP: opt.udp = true; break;
+        case OPT_UDP_FLOOD: opt.udp = opt.udp_flood = true; break;
         case OPT_UDP_TIMEOUT: opt.udp_timeout = parse_seconds("--udp-timeout", optarg, false); break;
         case 'h': usage(stdout); exit(0);
         default: fprintf(stderr, "Try '" PROG " --help'.\n"); exit(2);
@@ -993,6 +1003,38 @@ static void udp_readable(struct udp_sock *u)
     }
 }
 
+static void udp_close_all(struct udp_sock *socks)
+{
+    for (uint64_t i = 0; i < opt.connections; i++)
+        close(socks[i].fd);
+    free(socks);
+}
+
+/* --udp-flood: sends round robin until the end; the kernel drops what the
+ * receiver has no room for, which is the receiver's loss to count. */
+static int udp_flood(struct udp_sock *socks, uint64_t now)
+{
+    while (!interrupted && now < g.end && !(opt.requests && g.requests >= opt.requests)) {
+        for (int round = 0; round < 64; round++) {
+            for (uint64_t i = 0; i < opt.connections; i++) {
+                struct udp_sock *u = &socks[i];
+                udp_datagram(u->id, u->seq++, g.sbuf);
+                if (send(u->fd, g.sbuf, opt.size, MSG_DONTWAIT) == (ssize_t)opt.size &&
+                    udp_measuring(now))
+                    g.requests++;
+                while (recv(u->fd, g.rbuf, RECV_CHUNK, MSG_DONTWAIT) >= 0 || errno == EINTR ||
+                       errno == ECONNREFUSED)
+                    ; /* echoes or refusals: not what this mode measures */
+            }
+        }
+        now = now_ns();
+    }
+    g.stop_time = now < g.end ? now : g.end;
+    g.phase = PH_DONE;
+    udp_close_all(socks);
+    return 0;
+}
+
 static int run_udp(void)
 {
     struct udp_sock *socks = xcalloc((size_t)opt.connections, sizeof *socks);
@@ -1017,6 +1059,8 @@ static int run_udp(void)
     g.measure_start = now + (uint64_t)(opt.warmup * 1e9);
     g.end = opt.duration > 0 ? g.measure_start + (uint64_t)(opt.duration * 1e9) : NEVER;
     g.phase = PH_RUNNING;
+    if (opt.udp_flood)
+        return udp_flood(socks, now);
     for (uint64_t i = 0; i < opt.connections; i++)
         udp_send(&socks[i], now);
     struct epoll_event events[MAX_EVENTS];
@@ -1040,9 +1084,7 @@ static int run_udp(void)
     }
     g.stop_time = now < g.end ? now : g.end;
     g.phase = PH_DONE;
-    for (uint64_t i = 0; i < opt.connections; i++)
-        close(socks[i].fd);
-    free(socks);
+    udp_close_all(socks);
     return 0;
 }
 
@@ -1068,13 +1110,14 @@ static void report(void)
                "\"errors\": %llu, \"connections\": %llu, \"size\": %llu, \"pipeline\": %llu, "
                "\"p50_us\": %.3f, \"p90_us\": %.3f, \"p99_us\": %.3f, \"p999_us\": %.3f, "
                "\"max_us\": %.3f, \"mean_us\": %.3f, \"tls\": %s, \"reconnects\": %llu, "
-               "\"udp\": %s, \"lost\": %llu, \"late\": %llu}\n",
+               "\"udp\": %s, \"lost\": %llu, \"late\": %llu, \"flood\": %s}\n",
                (unsigned long long)g.requests, seconds, rps, mib_s,
                (unsigned long long)g.errors, (unsigned long long)g.connected,
                (unsigned long long)opt.size, (unsigned long long)opt.pipeline,
                p50, p90, p99, p999, max, mean, opt.tls ? "true" : "false",
                (unsigned long long)g.reconnects, opt.udp ? "true" : "false",
-               (unsigned long long)g.lost, (unsigned long long)g.late);
+               (unsigned long long)g.lost, (unsigned long long)g.late,
+               opt.udp_flood ? "true" : "false");
         return;
     }
     if (opt.unix_path)

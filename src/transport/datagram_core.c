@@ -5,6 +5,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <string.h>
 #include <structmember.h>
 #include <unistd.h>
@@ -15,6 +16,25 @@
 #define DEFAULT_HIGH_WATER (64 * 1024)
 
 
+/* Senders' addresses, as Python objects: a datagram from an address seen
+ * lately gets the same tuple as the last one (no inet_ntop(), no new
+ * tuple), and a reply sendto() with that tuple finds its sockaddr without
+ * parsing it.  Direct-mapped by the sockaddr's bytes, and by the object's
+ * address for the way back; IP addresses only.  Each entry holds its
+ * object, so an object found by address is the entry's own. */
+#define ADDR_CACHE 256 /* 32 senders collided often in 64: ~10 KiB, made on first use */
+
+typedef struct addr_entry {
+    PyObject *obj;                /* strong, or NULL */
+    socklen_t len;
+    struct sockaddr_in6 sa;       /* the largest IP sockaddr */
+} addr_entry;
+
+typedef struct addr_cache {
+    addr_entry entry[ADDR_CACHE];
+    uint16_t by_obj[ADDR_CACHE]; /* 1 + the entry whose object hashes here; 0 none */
+} addr_cache;
+
 typedef struct mt_dgram_core {
     PyObject_HEAD
     mt_loop *loop;               /* strong */
@@ -24,6 +44,7 @@ typedef struct mt_dgram_core {
     PyObject *datagram_received; /* bound method, cached; cleared by set_protocol() */
     PyObject *address;           /* the connected peer (sendto's default), or None */
     PyObject *last_host;         /* the last sender's host string */
+    struct addr_cache *addrs;    /* NULL until a datagram comes from an IP address */
     int family;
     bool sends_empty;            /* sendto(b"") sends (newer asyncio) or drops */
     bool closing, closed, protocol_paused;
@@ -160,6 +181,65 @@ static int on_drained(mt_dgram_core *self)
     return call_transport(self, "_maybe_resume_protocol", NULL);
 }
 
+/* ---- the address cache ----------------------------------------------------------- */
+
+static unsigned sockaddr_slot(const void *sa, socklen_t len)
+{
+    uint32_t h = 2166136261u; /* FNV-1a */
+    for (socklen_t i = 0; i < len; i++)
+        h = (h ^ ((const uint8_t *)sa)[i]) * 16777619u;
+    return (h ^ (h >> 16)) % ADDR_CACHE;
+}
+
+static unsigned object_slot(PyObject *obj)
+{
+    uintptr_t p = (uintptr_t)obj;
+    return (unsigned)((p >> 4) ^ (p >> 12)) % ADDR_CACHE;
+}
+
+/* The Python address for a sender: new reference, or NULL. */
+static PyObject *sender_address(mt_dgram_core *self, const struct sockaddr *sa, socklen_t len)
+{
+    if ((sa->sa_family != AF_INET && sa->sa_family != AF_INET6) ||
+        len > sizeof(struct sockaddr_in6))
+        return mt_sockaddr_to_py(&self->last_host, sa, len);
+    if (self->addrs == NULL && (self->addrs = PyMem_Calloc(1, sizeof(addr_cache))) == NULL)
+        return mt_sockaddr_to_py(&self->last_host, sa, len);
+    addr_entry *e = &self->addrs->entry[sockaddr_slot(sa, len)];
+    if (e->obj != NULL && e->len == len && memcmp(&e->sa, sa, len) == 0)
+        return Py_NewRef(e->obj);
+    PyObject *obj = mt_sockaddr_to_py(&self->last_host, sa, len);
+    if (obj == NULL)
+        return NULL;
+    Py_XSETREF(e->obj, Py_NewRef(obj));
+    e->len = len;
+    memcpy(&e->sa, sa, len);
+    self->addrs->by_obj[object_slot(obj)] = (uint16_t)(1 + (e - self->addrs->entry));
+    return obj;
+}
+
+/* The sockaddr of an address object the cache handed out, or NULL. */
+static const addr_entry *known_address(mt_dgram_core *self, PyObject *obj)
+{
+    if (self->addrs == NULL)
+        return NULL;
+    unsigned i = self->addrs->by_obj[object_slot(obj)];
+    if (i == 0 || self->addrs->entry[i - 1].obj != obj)
+        return NULL;
+    return &self->addrs->entry[i - 1];
+}
+
+static void clear_addresses(mt_dgram_core *self)
+{
+    addr_cache *c = self->addrs;
+    if (c == NULL)
+        return;
+    self->addrs = NULL;
+    for (int i = 0; i < ADDR_CACHE; i++)
+        Py_CLEAR(c->entry[i].obj);
+    PyMem_Free(c);
+}
+
 /* ---- sendto ------------------------------------------------------------------- */
 
 static PyObject *lost_send(mt_dgram_core *self)
@@ -221,6 +301,9 @@ static PyObject *send_view(mt_dgram_core *self, PyObject *data, const void *buf,
     }
     if (self->conn_lost || self->dgram == NULL)
         return lost_send(self);
+    const addr_entry *known = known_address(self, addr);
+    if (known != NULL)
+        return queue_send(self, buf, len, (const struct sockaddr *)&known->sa, known->len);
     struct sockaddr_storage ss;
     socklen_t sslen;
     if (addr == Py_None || mt_sockaddr_from_py(self->family, addr, &ss, &sslen) != 1) {
@@ -305,8 +388,7 @@ static int deliver(mt_dgram_core *self, mt_msg *msg)
         sslen = sizeof(ss);
     memcpy(&ss, mt_dgram_addr(msg), sslen);
     PyObject *data = PyBytes_FromStringAndSize(mt_dgram_bytes(msg), (Py_ssize_t)mt_dgram_size(msg));
-    PyObject *addr = data ? mt_sockaddr_to_py(&self->last_host, (struct sockaddr *)&ss, sslen)
-                          : NULL;
+    PyObject *addr = data ? sender_address(self, (struct sockaddr *)&ss, sslen) : NULL;
     if (addr == NULL) {
         Py_XDECREF(data);
         return protocol_raised(self);
@@ -541,11 +623,14 @@ static int core_traverse(mt_dgram_core *self, visitproc visit, void *arg)
     Py_VISIT(self->datagram_received);
     Py_VISIT(self->address);
     Py_VISIT(self->last_host);
+    for (int i = 0; self->addrs != NULL && i < ADDR_CACHE; i++)
+        Py_VISIT(self->addrs->entry[i].obj);
     return 0;
 }
 
 static int core_clear(mt_dgram_core *self)
 {
+    clear_addresses(self);
     Py_CLEAR(self->transport);
     Py_CLEAR(self->protocol);
     Py_CLEAR(self->datagram_received);
