@@ -24,7 +24,7 @@ from asyncio import selector_events, transports, trsock
 from typing import Any
 
 from . import _mtloop
-from ._transports import CoreTransport
+from ._transports import CoreTransport, socket_names
 
 __all__ = ["DatagramMethods", "DatagramTransport"]
 
@@ -107,15 +107,7 @@ class DatagramTransport(_mtloop.DatagramSendMethods, CoreTransport, transports.D
         try:
             self._sock = sock
             self._extra["socket"] = trsock.TransportSocket(sock)
-            try:
-                self._extra["sockname"] = sock.getsockname()
-            except OSError:
-                self._extra["sockname"] = None
-            if "peername" not in self._extra:
-                try:
-                    self._extra["peername"] = sock.getpeername()
-                except OSError:
-                    self._extra["peername"] = None
+            socket_names(self._extra, sock)
             self._mt_start(protocol, waiter)
         except BaseException:
             self._mt_undo()

@@ -31,7 +31,7 @@ from . import _mtloop
 from ._sock import sendfile_source
 from ._trsock import PseudoSocket
 
-__all__ = ["CoreTransport", "FlowTransport", "SocketTransport"]
+__all__ = ["CoreTransport", "FlowTransport", "SocketTransport", "socket_names"]
 
 _ATTACH_TAKES_TRANSPORT = sys.version_info >= (3, 13)
 
@@ -44,6 +44,21 @@ def _core_flag(name: str, doc: str) -> property:
         setattr(self._core, name, value)
 
     return property(get, set, doc=doc)
+
+
+def socket_names(extra: dict, sock: socket.socket) -> None:
+    """The "sockname" and "peername" extra info of a transport around
+    `sock`, as the stock selector transports set them (None where the
+    socket has none; a "peername" given already stays)."""
+    try:
+        extra["sockname"] = sock.getsockname()
+    except OSError:
+        extra["sockname"] = None
+    if "peername" not in extra:
+        try:
+            extra["peername"] = sock.getpeername()
+        except OSError:
+            extra["peername"] = None
 
 
 class CoreTransport(transports._FlowControlMixin, transports.Transport):
@@ -301,15 +316,7 @@ class SocketTransport(_mtloop.StreamWriteMethods, FlowTransport):
             if sock is not None:
                 self._sock = sock
                 self._sockinfo = (sock.family, sock.type, sock.proto)
-                try:
-                    self._extra["sockname"] = sock.getsockname()
-                except OSError:
-                    self._extra["sockname"] = None
-                if "peername" not in self._extra:
-                    try:
-                        self._extra["peername"] = sock.getpeername()
-                    except OSError:
-                        self._extra["peername"] = None
+                socket_names(self._extra, sock)
                 base_events._set_nodelay(sock)
             if server is not None:
                 if _ATTACH_TAKES_TRANSPORT:

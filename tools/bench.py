@@ -615,6 +615,12 @@ def medians(runs: list[dict], keys: tuple[str, ...]) -> dict[str, float]:
     return {k: statistics.median(r[k] for r in runs) for k in keys if all(k in r for r in runs)}
 
 
+def times(r: float | None) -> str:
+    """A ratio as the tables print it ("-" where there is none: one-way
+    runs have no latency)."""
+    return f"{r:.2f}x" if r is not None else "-"
+
+
 def ratio(a: float, b: float) -> float | None:
     return a / b if b else None
 
@@ -703,8 +709,8 @@ def markdown(results: dict[str, dict[str, dict]], loops: list[str]) -> str:
         for m, b, cpu in against:
             if m in med and b in med:
                 x, y = med[m], med[b]
-                row += [f"{x['rps'] / y['rps']:.2f}x", f"{x['p99_us'] / y['p99_us']:.2f}x",
-                        f"{x[cpu] / y['cpu_us_per_req']:.2f}x"]
+                row += [times(ratio(x["rps"], y["rps"])), times(ratio(x["p99_us"], y["p99_us"])),
+                        times(ratio(x[cpu], y["cpu_us_per_req"]))]
             else:
                 row += ["-"] * 3
         lines.append("| " + " | ".join(row) + " |")

@@ -29,6 +29,36 @@ PyObject *mt_call_helper(const char *name, PyObject *const *args, size_t nargs)
     return res;
 }
 
+bool mt_exception_must_propagate(void)
+{
+    return PyErr_ExceptionMatches(PyExc_SystemExit) ||
+           PyErr_ExceptionMatches(PyExc_KeyboardInterrupt);
+}
+
+int mt_report_failed_call(PyObject *ctx)
+{
+    if (mt_exception_must_propagate())
+        return -1;
+    PyErr_WriteUnraisable(ctx);
+    return 0;
+}
+
+PyObject *mt_count_lost_write(int *conn_lost)
+{
+    if (*conn_lost >= 5) {
+        PyObject *msg = PyUnicode_FromString("socket.send() raised exception.");
+        if (msg == NULL)
+            return NULL;
+        PyObject *res = mt_call_helper("log_warning", &msg, 1);
+        Py_DECREF(msg);
+        if (res == NULL)
+            return NULL;
+        Py_DECREF(res);
+    }
+    ++*conn_lost;
+    Py_RETURN_NONE;
+}
+
 static Py_ssize_t core_slot_offset(mt_core_slot *cache, PyTypeObject *type)
 {
     if (type == cache->type)

@@ -4,9 +4,21 @@
 
 #include "pyext/compat.h"
 
+#include <stdbool.h>
+
 /* Calls mtloop._helpers.<name>(*args): the cold paths kept in Python
  * (formatting, logging).  Returns a new reference or NULL. */
 PyObject *mt_call_helper(const char *name, PyObject *const *args, size_t nargs);
+
+/* True when the raised exception must leave the run loop (SystemExit,
+ * KeyboardInterrupt) rather than be reported. */
+bool mt_exception_must_propagate(void);
+/* A call made for `ctx` (a transport, a server) raised: -1 for what must
+ * leave the run loop, else reported as unraisable and 0. */
+int mt_report_failed_call(PyObject *ctx);
+/* A write after the connection was lost: counted in *conn_lost, with
+ * asyncio's warning from the fifth on.  None, or NULL if logging raised. */
+PyObject *mt_count_lost_write(int *conn_lost);
 
 /* Where a transport class keeps its C core: the `_core` slot's offset in
  * the last class seen, so a method of the transport written in C reads one

@@ -47,11 +47,9 @@ typedef struct mt_dgram_core {
     struct addr_cache *addrs;    /* NULL until a datagram comes from an IP address */
     int family;
     bool sends_empty;            /* sendto(b"") sends (newer asyncio) or drops */
-    bool closing, closed, protocol_paused;
+    bool closing, closed;
     int conn_lost;
-    Py_ssize_t high_water, low_water;
-    uint64_t queued;             /* units handed to SEND messages */
-    uint64_t flushed_seen;       /* `flushed` as of the last pause or DRAINED */
+    mt_out_view out;             /* write accounting over the record's marks */
 } mt_dgram_core;
 
 static const mt_loop_ops dgram_loop_ops;
@@ -79,11 +77,7 @@ static void release_dgram(mt_dgram_core *self)
 /* Reports a failed call; -1 for what must leave the run loop. */
 static int call_failed(mt_dgram_core *self)
 {
-    if (PyErr_ExceptionMatches(PyExc_SystemExit) ||
-        PyErr_ExceptionMatches(PyExc_KeyboardInterrupt))
-        return -1;
-    PyErr_WriteUnraisable(self->transport ? self->transport : (PyObject *)self);
-    return 0;
+    return mt_report_failed_call(self->transport ? self->transport : (PyObject *)self);
 }
 
 static int call_transport(mt_dgram_core *self, const char *method, PyObject *arg)
@@ -108,8 +102,7 @@ static int call_transport(mt_dgram_core *self, const char *method, PyObject *arg
  * endpoint stays open. */
 static int protocol_raised(mt_dgram_core *self)
 {
-    if (PyErr_ExceptionMatches(PyExc_SystemExit) ||
-        PyErr_ExceptionMatches(PyExc_KeyboardInterrupt))
+    if (mt_exception_must_propagate())
         return -1;
     PyObject *exc = mt_fetch_exception();
     int rc = call_transport(self, "_mt_callback_error", exc);
@@ -123,62 +116,34 @@ static uint64_t write_buffer_size(mt_dgram_core *self)
 {
     if (self->closed || self->dgram == NULL)
         return 0;
-    uint64_t flushed =
-        self->protocol_paused
-            ? self->flushed_seen
-            : atomic_load_explicit(&self->dgram->marks.flushed, memory_order_acquire);
-    return self->queued > flushed ? self->queued - flushed : 0;
+    return mt_out_size(&self->out, &self->dgram->marks);
 }
 
-static void push_own(mt_dgram_core *self, uint8_t op)
+/* Reports DRAINED from the loop thread: the mark was reached already. */
+static void push_drained(mt_dgram_core *self)
 {
-    mt_msg *msg = mt_msg_new(op, &self->dgram->rec, 0);
+    mt_msg *msg = mt_msg_new(MT_DGRAM_DRAINED, &self->dgram->rec, 0);
     if (msg != NULL)
         mt_sink_push(self->loop->sink, msg, msg);
 }
 
-/* While the protocol is paused, asks for DRAINED once the buffer is down
- * to the low-water mark. */
-static void arm_resume(mt_dgram_core *self)
-{
-    uint64_t low = (uint64_t)self->low_water;
-    if (mt_out_arm_resume(&self->dgram->marks, self->queued > low ? self->queued - low : 1))
-        push_own(self, MT_DGRAM_DRAINED);
-}
-
-/* Pauses the protocol as asyncio would: once the kernel refused more than
- * the high-water mark (BLOCKED), or at once past MT_WRITE_CAP_FACTOR
- * times it, so that a sender that never yields stays bounded. */
-static int maybe_pause(mt_dgram_core *self)
-{
-    uint64_t size = write_buffer_size(self);
-    uint64_t high = (uint64_t)self->high_water;
-    if (self->protocol_paused || size <= high)
-        return 0;
-    uint64_t cap = high * 16 < 4 * 1024 * 1024 ? 4 * 1024 * 1024 : high * 16;
-    if (size <= cap && !mt_out_arm_blocked(&self->dgram->marks, high + 1))
-        return 0;
-    return call_transport(self, "_maybe_pause_protocol", NULL);
-}
-
 static int on_blocked(mt_dgram_core *self)
 {
-    if (self->protocol_paused || self->closing ||
-        write_buffer_size(self) <= (uint64_t)self->high_water)
+    if (self->closing || !mt_out_blocked_pauses(&self->out, &self->dgram->marks))
         return 0;
     return call_transport(self, "_maybe_pause_protocol", NULL);
 }
 
 static int on_drained(mt_dgram_core *self)
 {
-    if (!self->protocol_paused || self->conn_lost || self->dgram == NULL)
+    if (!self->out.paused || self->conn_lost || self->dgram == NULL)
         return 0;
-    self->flushed_seen = atomic_load_explicit(&self->dgram->marks.flushed, memory_order_acquire);
-    if (write_buffer_size(self) > (uint64_t)self->low_water) {
-        arm_resume(self);
-        return 0;
-    }
-    return call_transport(self, "_maybe_resume_protocol", NULL);
+    bool report_now;
+    if (mt_out_drained_resumes(&self->out, &self->dgram->marks, &report_now))
+        return call_transport(self, "_maybe_resume_protocol", NULL);
+    if (report_now)
+        push_drained(self);
+    return 0;
 }
 
 /* ---- the address cache ----------------------------------------------------------- */
@@ -242,21 +207,6 @@ static void clear_addresses(mt_dgram_core *self)
 
 /* ---- sendto ------------------------------------------------------------------- */
 
-static PyObject *lost_send(mt_dgram_core *self)
-{
-    if (self->conn_lost >= 5) {
-        PyObject *msg = PyUnicode_FromString("socket.send() raised exception.");
-        if (msg == NULL)
-            return NULL;
-        PyObject *res = mt_call_helper("log_warning", &msg, 1);
-        Py_DECREF(msg);
-        if (res == NULL)
-            return NULL;
-        Py_DECREF(res);
-    }
-    self->conn_lost++;
-    Py_RETURN_NONE;
-}
 
 /* Queues one datagram for the I/O thread. */
 static PyObject *queue_send(mt_dgram_core *self, const void *buf, size_t len,
@@ -266,14 +216,16 @@ static PyObject *queue_send(mt_dgram_core *self, const void *buf, size_t len,
     if (msg == NULL)
         return PyErr_NoMemory();
     memcpy(mt_dgram_bytes(msg), buf, len);
-    self->queued += mt_dgram_units(self->dgram, len);
+    self->out.queued += mt_dgram_units(self->dgram, len);
     /* The marks are set before the datagram goes: the I/O thread may find
      * the socket full with it at once. */
     int rc = 0;
-    if (self->protocol_paused)
-        arm_resume(self);
-    else
-        rc = maybe_pause(self);
+    if (self->out.paused) {
+        if (mt_out_arm_low(&self->out, &self->dgram->marks)) /* the mark moves with the buffer */
+            push_drained(self);
+    } else if (mt_out_must_pause(&self->out, &self->dgram->marks)) {
+        rc = call_transport(self, "_maybe_pause_protocol", NULL);
+    }
     if (!mt_io_thread_post(self->dgram->rec.io, msg, msg))
         mt_msg_free(msg); /* the pool stopped: RELEASED is on its way */
     if (rc < 0)
@@ -296,11 +248,11 @@ static PyObject *send_view(mt_dgram_core *self, PyObject *data, const void *buf,
                                     self->address);
         }
         if (self->conn_lost || self->dgram == NULL)
-            return lost_send(self);
+            return mt_count_lost_write(&self->conn_lost);
         return queue_send(self, buf, len, NULL, 0);
     }
     if (self->conn_lost || self->dgram == NULL)
-        return lost_send(self);
+        return mt_count_lost_write(&self->conn_lost);
     const addr_entry *known = known_address(self, addr);
     if (known != NULL)
         return queue_send(self, buf, len, (const struct sockaddr *)&known->sa, known->len);
@@ -369,7 +321,7 @@ static PyObject *core_sendto_resolved(mt_dgram_core *self, PyObject *const *args
         return PyErr_Format(PyExc_TypeError, "not a numeric address for this socket: %R",
                             args[1]);
     if (self->conn_lost || self->dgram == NULL)
-        return lost_send(self);
+        return mt_count_lost_write(&self->conn_lost);
     Py_buffer view;
     if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
         return NULL;
@@ -534,8 +486,7 @@ static PyObject *core_abort(mt_dgram_core *self, PyObject *Py_UNUSED(a))
     if (!self->closed) {
         signal_dgram(self, MT_DGRAM_ABORT);
         if (self->dgram != NULL)
-            self->queued = self->flushed_seen =
-                atomic_load(&self->dgram->marks.flushed); /* dropped: the size is 0 */
+            mt_out_forget(&self->out, &self->dgram->marks); /* dropped: the size is 0 */
     }
     Py_RETURN_NONE;
 }
@@ -593,8 +544,7 @@ static PyObject *core_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->address = Py_NewRef(address);
     self->family = family;
     self->sends_empty = sends_empty;
-    self->high_water = DEFAULT_HIGH_WATER;
-    self->low_water = DEFAULT_HIGH_WATER / 4;
+    mt_out_view_init(&self->out, DEFAULT_HIGH_WATER);
     /* The record works on its own copy: the socket object stays the
      * user's, closed when the connection is lost. */
     int own = fcntl(fd, F_DUPFD_CLOEXEC, 0);
@@ -667,7 +617,7 @@ static PyObject *get_protocol(mt_dgram_core *self, void *Py_UNUSED(c))
 
 static PyObject *get_paused_flag(mt_dgram_core *self, void *Py_UNUSED(c))
 {
-    return PyBool_FromLong(self->protocol_paused);
+    return PyBool_FromLong(self->out.paused);
 }
 
 static int set_paused_flag(mt_dgram_core *self, PyObject *v, void *Py_UNUSED(c))
@@ -675,17 +625,10 @@ static int set_paused_flag(mt_dgram_core *self, PyObject *v, void *Py_UNUSED(c))
     int b = v ? PyObject_IsTrue(v) : 0;
     if (b < 0)
         return -1;
-    if (self->dgram == NULL || self->closed) {
-        self->protocol_paused = b;
-        return 0;
-    }
-    if (b && !self->protocol_paused)
-        self->flushed_seen = atomic_load_explicit(&self->dgram->marks.flushed, memory_order_acquire);
-    self->protocol_paused = b;
-    if (b)
-        arm_resume(self); /* DRAINED tells when to look at the buffer again */
-    else
-        atomic_store(&self->dgram->marks.resume_at, 0);
+    if (self->dgram == NULL || self->closed)
+        self->out.paused = b;
+    else if (mt_out_set_paused(&self->out, &self->dgram->marks, b))
+        push_drained(self);
     return 0;
 }
 
@@ -708,8 +651,8 @@ static PyMemberDef core_members[] = {
     {"closing", T_BOOL, offsetof(mt_dgram_core, closing), 0, NULL},
     {"closed", T_BOOL, offsetof(mt_dgram_core, closed), READONLY, NULL},
     {"conn_lost", T_INT, offsetof(mt_dgram_core, conn_lost), 0, NULL},
-    {"high_water", T_PYSSIZET, offsetof(mt_dgram_core, high_water), 0, NULL},
-    {"low_water", T_PYSSIZET, offsetof(mt_dgram_core, low_water), 0, NULL},
+    {"high_water", T_PYSSIZET, offsetof(mt_dgram_core, out.high_water), 0, NULL},
+    {"low_water", T_PYSSIZET, offsetof(mt_dgram_core, out.low_water), 0, NULL},
     {NULL, 0, 0, 0, NULL},
 };
 

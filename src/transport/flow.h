@@ -62,14 +62,6 @@ static inline int64_t mt_read_charge(size_t n)
 #define MT_READ_MAX ((size_t)(128 * 1024) - sizeof(mt_msg))
 #define MT_READ_COPY_MAX (32 * 1024)
 
-/* Write flow control follows asyncio: the protocol is paused when output
- * the kernel refused exceeds the high-water mark.  Only the I/O thread
- * sees the kernel refuse, so the loop asks it (mt_flow_arm_blocked) and
- * pauses on its BLOCKED completion; it pauses by itself only past this
- * many times the high-water mark, so a writer that never yields stays
- * bounded. */
-#define MT_WRITE_CAP_FACTOR 16
-#define MT_WRITE_CAP_MIN (4 * 1024 * 1024)
 
 /* The largest write the loop thread sends itself when the I/O thread
  * sleeps (stream_core.c); bigger ones are worth a wakeup. */

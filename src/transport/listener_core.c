@@ -1,6 +1,7 @@
 /* Listener: the loop-thread half of servers.  See listener_core.h. */
 #include "transport/listener_core.h"
 
+#include "pyext/module.h"
 #include "transport/sockaddr.h"
 
 #include <arpa/inet.h>
@@ -22,15 +23,6 @@ typedef struct {
                                the next peer from the same host */
     bool closed;
 } mt_listener_obj;
-
-static int call_failed(PyObject *ctx)
-{
-    if (PyErr_ExceptionMatches(PyExc_SystemExit) ||
-        PyErr_ExceptionMatches(PyExc_KeyboardInterrupt))
-        return -1;
-    PyErr_WriteUnraisable(ctx);
-    return 0;
-}
 
 /* ---- completion dispatch (the loop's ops) ------------------------------------ */
 
@@ -76,7 +68,7 @@ static int listener_dispatch(mt_loop *loop, mt_msg *msg)
         res = PyObject_CallFunction(self->on_error, "i", msg->err);
     }
     listener_discard(msg);
-    int rc = res == NULL ? call_failed((PyObject *)self) : 0;
+    int rc = res == NULL ? mt_report_failed_call((PyObject *)self) : 0;
     Py_XDECREF(res);
     Py_DECREF(self);
     return rc;

@@ -15,6 +15,9 @@ static PyObject *buffered_protocol_type; /* asyncio.BufferedProtocol */
 
 #define DEFAULT_HIGH_WATER (64 * 1024)
 
+_Static_assert(sizeof(ssize_t) == sizeof(Py_ssize_t),
+               "the write-buffer limits are Python members (T_PYSSIZET)");
+
 typedef struct mt_stream_core {
     PyObject_HEAD
     mt_loop *loop;              /* strong */
@@ -30,7 +33,7 @@ typedef struct mt_stream_core {
     bool buffered;
 
     /* asyncio's transport state, shared with the Python class. */
-    bool closing, eof, reading_paused, reading_started, protocol_paused;
+    bool closing, eof, reading_paused, reading_started;
     bool closed;                /* the I/O thread released the flow */
     bool sendfile_running;      /* a SENDFILE is out, its DONE not back yet */
     bool redelivery_scheduled;  /* a callback will hand deferred_* over */
@@ -39,12 +42,8 @@ typedef struct mt_stream_core {
                                    resume_writing() had its chance to write
                                    more, as the stock transport closes */
     int conn_lost;
-    Py_ssize_t high_water, low_water;
-    uint64_t queued;            /* bytes handed to WRITE messages */
-    uint64_t flushed_seen;      /* the flow's `flushed` as of the last pause
-                                   or DRAINED: the size reported while
-                                   paused, so it drops to the low mark in
-                                   the same step as resume_writing() */
+    mt_out_view out;            /* write accounting over the flow's marks
+                                   (bytes handed to WRITE messages) */
 
     /* Read completions held back while reading is paused. */
     mt_msg *deferred_head, *deferred_tail;
@@ -166,28 +165,14 @@ static uint64_t write_buffer_size(mt_stream_core *self)
 {
     if (self->closed || self->flow == NULL)
         return 0;
-    uint64_t flushed = self->protocol_paused
-                           ? self->flushed_seen
-                           : atomic_load_explicit(&self->flow->marks.flushed, memory_order_acquire);
-    return self->queued > flushed ? self->queued - flushed : 0;
+    return mt_out_size(&self->out, &self->flow->marks);
 }
 
 /* ---- calling into Python ---------------------------------------------------- */
 
-static bool must_propagate(void)
-{
-    return PyErr_ExceptionMatches(PyExc_SystemExit) ||
-           PyErr_ExceptionMatches(PyExc_KeyboardInterrupt);
-}
-
-/* Reports a failed call made for the transport; -1 for what must leave
- * the run loop. */
 static int call_failed(mt_stream_core *self)
 {
-    if (must_propagate())
-        return -1;
-    PyErr_WriteUnraisable(self->transport ? self->transport : (PyObject *)self);
-    return 0;
+    return mt_report_failed_call(self->transport ? self->transport : (PyObject *)self);
 }
 
 static int call_transport(mt_stream_core *self, const char *method, const char *fmt, ...)
@@ -214,7 +199,7 @@ static int call_transport(mt_stream_core *self, const char *method, const char *
 /* A protocol method raised: asyncio's _fatal_error() path. */
 static int protocol_failed(mt_stream_core *self, const char *message)
 {
-    if (must_propagate())
+    if (mt_exception_must_propagate())
         return -1;
     PyObject *exc = mt_fetch_exception();
     int rc = call_transport(self, "_fatal_error", "(Os)", exc, message);
@@ -348,32 +333,14 @@ static void arm_drained_at(mt_stream_core *self, uint64_t mark)
  * buffer is down to the low-water mark. */
 static void arm_resume(mt_stream_core *self)
 {
-    uint64_t low = (uint64_t)self->low_water;
-    arm_drained_at(self, self->queued > low ? self->queued - low : 1);
-}
-
-static int maybe_pause(mt_stream_core *self)
-{
-    uint64_t size = write_buffer_size(self);
-    uint64_t high = (uint64_t)self->high_water;
-    if (self->protocol_paused || size <= high)
-        return 0;
-    uint64_t cap = high * MT_WRITE_CAP_FACTOR;
-    if (cap < MT_WRITE_CAP_MIN)
-        cap = MT_WRITE_CAP_MIN;
-    /* Over the mark, but the kernel may still take it all: pause once the
-     * I/O thread finds the fd full with that much waiting, or now if it
-     * has found it full already. */
-    if (size <= cap && !mt_flow_arm_blocked(self->flow, high + 1))
-        return 0;
-    return call_transport(self, "_maybe_pause_protocol", "()");
+    if (mt_out_arm_low(&self->out, &self->flow->marks))
+        push_own(self, MT_FLOW_DRAINED);
 }
 
 /* BLOCKED: the fd refused output with more than the mark waiting. */
 static int on_blocked(mt_stream_core *self)
 {
-    if (self->protocol_paused || self->closing ||
-        write_buffer_size(self) <= (uint64_t)self->high_water)
+    if (self->closing || !mt_out_blocked_pauses(&self->out, &self->flow->marks))
         return 0;
     return call_transport(self, "_maybe_pause_protocol", "()");
 }
@@ -400,7 +367,7 @@ static size_t direct_send(mt_stream_core *self, const char *buf, size_t len)
         return 0;
     if (!mt_loop_idle(self->loop))
         return 0;
-    if (atomic_load_explicit(&f->marks.flushed, memory_order_acquire) != self->queued)
+    if (atomic_load_explicit(&f->marks.flushed, memory_order_acquire) != self->out.queued)
         return 0;
     if (!mt_io_thread_sleeping(f->rec.io) || mt_io_thread_stopped(f->rec.io))
         return 0;
@@ -504,37 +471,24 @@ static PyObject *queue_output(mt_stream_core *self, const void *buf, size_t len,
     mt_msg *first = write_chain(self, buf, len, owner, &last);
     if (first == NULL)
         return PyErr_NoMemory();
-    self->queued += len;
+    self->out.queued += len;
     /* The marks are set before the bytes go: the I/O thread may find the
-     * fd full with them at once. */
+     * fd full with them at once.  Over the high-water mark the kernel may
+     * still take it all: the protocol pauses once the I/O thread finds the
+     * fd full with that much waiting (BLOCKED), or now if it has already. */
     int rc = 0;
-    if (self->protocol_paused)
+    if (self->out.paused)
         arm_resume(self); /* the buffer grew: the mark moves with it */
-    else
-        rc = maybe_pause(self);
-    if (self->close_pending && !self->protocol_paused)
-        arm_drained_at(self, self->queued);
+    else if (mt_out_must_pause(&self->out, &self->flow->marks))
+        rc = call_transport(self, "_maybe_pause_protocol", "()");
+    if (self->close_pending && !self->out.paused)
+        arm_drained_at(self, self->out.queued);
     post_chain(self, first, last);
     if (rc < 0)
         return NULL;
     Py_RETURN_NONE;
 }
 
-static PyObject *lost_write(mt_stream_core *self)
-{
-    if (self->conn_lost >= 5) {
-        PyObject *msg = PyUnicode_FromString("socket.send() raised exception.");
-        if (msg == NULL)
-            return NULL;
-        PyObject *res = mt_call_helper("log_warning", &msg, 1);
-        Py_DECREF(msg);
-        if (res == NULL)
-            return NULL;
-        Py_DECREF(res);
-    }
-    self->conn_lost++;
-    Py_RETURN_NONE;
-}
 
 static int check_writable(mt_stream_core *self, const char *what)
 {
@@ -558,7 +512,7 @@ static PyObject *write_view(mt_stream_core *self, const void *buf, size_t len, P
     if (len == 0)
         Py_RETURN_NONE;
     if (self->conn_lost || self->flow == NULL)
-        return lost_write(self);
+        return mt_count_lost_write(&self->conn_lost);
     return queue_output(self, buf, len, owner);
 }
 
@@ -697,8 +651,8 @@ static PyObject *core_close(mt_stream_core *self, PyObject *Py_UNUSED(a))
     }
     self->close_pending = true;
     set_want_read(self, false);
-    if (!self->protocol_paused)
-        arm_drained_at(self, self->queued); /* paused: the resume mark comes first */
+    if (!self->out.paused)
+        arm_drained_at(self, self->out.queued); /* paused: the resume mark comes first */
     Py_RETURN_NONE;
 }
 
@@ -711,7 +665,7 @@ static PyObject *core_abort(mt_stream_core *self, PyObject *Py_UNUSED(a))
     self->close_pending = false;
     if (!self->closed && self->flow != NULL) {
         /* The output is gone from this side's point of view at once. */
-        self->queued = self->flushed_seen = atomic_load(&self->flow->marks.flushed);
+        mt_out_forget(&self->out, &self->flow->marks);
         signal_flow(self, MT_FLOW_ABORT);
     }
     Py_RETURN_NONE;
@@ -817,21 +771,22 @@ static PyObject *core_set_protocol(mt_stream_core *self, PyObject *protocol)
 
 static int on_drained(mt_stream_core *self)
 {
-    if (self->protocol_paused && !self->conn_lost) {
-        self->flushed_seen = atomic_load_explicit(&self->flow->marks.flushed, memory_order_acquire);
-        if (write_buffer_size(self) > (uint64_t)self->low_water) {
-            arm_resume(self);
+    if (self->out.paused && !self->conn_lost) {
+        bool report_now;
+        if (!mt_out_drained_resumes(&self->out, &self->flow->marks, &report_now)) {
+            if (report_now)
+                push_own(self, MT_FLOW_DRAINED);
             return 0;
         }
         if (call_transport(self, "_maybe_resume_protocol", "()") < 0)
             return -1; /* resume_writing() may have written more */
     }
-    if (self->close_pending && !self->protocol_paused && self->flow != NULL) {
+    if (self->close_pending && !self->out.paused && self->flow != NULL) {
         if (write_buffer_size(self) == 0) {
             self->close_pending = false;
             signal_flow(self, MT_FLOW_CLOSE);
         } else {
-            arm_drained_at(self, self->queued);
+            arm_drained_at(self, self->out.queued);
         }
     }
     return 0;
@@ -1009,8 +964,7 @@ static PyObject *core_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     if (self == NULL)
         return NULL;
     self->loop = (mt_loop *)Py_NewRef(loop_obj);
-    self->high_water = DEFAULT_HIGH_WATER;
-    self->low_water = DEFAULT_HIGH_WATER / 4;
+    mt_out_view_init(&self->out, DEFAULT_HIGH_WATER);
     if (set_protocol(self, protocol) < 0) {
         Py_DECREF(self);
         return NULL;
@@ -1100,7 +1054,7 @@ static PyObject *get_protocol(mt_stream_core *self, void *Py_UNUSED(c))
 
 static PyObject *get_paused_flag(mt_stream_core *self, void *Py_UNUSED(c))
 {
-    return PyBool_FromLong(self->protocol_paused);
+    return PyBool_FromLong(self->out.paused);
 }
 
 static int set_paused_flag(mt_stream_core *self, PyObject *v, void *Py_UNUSED(c))
@@ -1109,18 +1063,13 @@ static int set_paused_flag(mt_stream_core *self, PyObject *v, void *Py_UNUSED(c)
     if (b < 0)
         return -1;
     if (self->flow == NULL || self->closed) {
-        self->protocol_paused = b;
-        return 0;
+        self->out.paused = b;
+    } else if (!b && self->close_pending) {
+        self->out.paused = false;
+        arm_drained_at(self, self->out.queued); /* DRAINED tells when to close */
+    } else if (mt_out_set_paused(&self->out, &self->flow->marks, b)) {
+        push_own(self, MT_FLOW_DRAINED);
     }
-    if (b && !self->protocol_paused)
-        self->flushed_seen = atomic_load_explicit(&self->flow->marks.flushed, memory_order_acquire);
-    self->protocol_paused = b;
-    if (b)
-        arm_resume(self); /* DRAINED tells when to look at the buffer again */
-    else if (self->close_pending)
-        arm_drained_at(self, self->queued); /* and then when to close */
-    else
-        atomic_store(&self->flow->marks.resume_at, 0);
     return 0;
 }
 
@@ -1171,8 +1120,8 @@ static PyMemberDef core_members[] = {
     {"reading_paused", T_BOOL, offsetof(mt_stream_core, reading_paused), READONLY, NULL},
     {"closed", T_BOOL, offsetof(mt_stream_core, closed), READONLY, NULL},
     {"conn_lost", T_INT, offsetof(mt_stream_core, conn_lost), 0, NULL},
-    {"high_water", T_PYSSIZET, offsetof(mt_stream_core, high_water), 0, NULL},
-    {"low_water", T_PYSSIZET, offsetof(mt_stream_core, low_water), 0, NULL},
+    {"high_water", T_PYSSIZET, offsetof(mt_stream_core, out.high_water), 0, NULL},
+    {"low_water", T_PYSSIZET, offsetof(mt_stream_core, out.low_water), 0, NULL},
     {NULL, 0, 0, 0, NULL},
 };
 
