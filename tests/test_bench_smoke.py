@@ -75,7 +75,10 @@ def test_bench_procs_smoke(tmp_path):
 
 
 def test_bench_udp_smoke(tmp_path):
-    """The datagram scenarios run: every echoed datagram right, loss counted."""
+    """The datagram scenarios run: every echoed datagram right, loss counted;
+    one way, the server received some of what was sent, and no more."""
     results = run_short(tmp_path, "--udp")
     runs = runs_of(results, ["udp echo 64B x32", "udp echo 1KiB x32"])
     assert all(r["errors"] == 0 and r["requests"] > 0 and "lost" in r for r in runs)
+    oneway = runs_of(results, ["udp receive 64B x32"])
+    assert all(r["errors"] == 0 and 0 < r["requests"] <= r["sent"] for r in oneway)

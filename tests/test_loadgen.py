@@ -196,7 +196,7 @@ def check_ok(proc, res, connections, size, pipeline):
 
 EXPECTED_KEYS = {"requests", "seconds", "rps", "mib_s", "errors", "connections", "size",
                  "pipeline", "p50_us", "p90_us", "p99_us", "p999_us", "max_us", "mean_us",
-                 "tls", "reconnects", "udp", "lost", "late"}
+                 "tls", "reconnects", "udp", "lost", "late", "flood"}
 
 
 # --------------------------------------------------------------------------
@@ -449,6 +449,19 @@ def test_udp_corruption_detected(loadgen):
                              "-d", 0.5)
     assert proc.returncode == 1
     assert res["errors"] > 0
+
+
+def test_udp_flood_sends_without_waiting(loadgen):
+    # One way: nothing is echoed, yet the sends go on; "requests" counts
+    # them, and what the receiver got is a subset of them.
+    with UdpEcho(lambda data, count: None) as server:
+        proc, res = run_json(loadgen, "--udp-flood", "--port", server.port, "-c", 3, "-s", 64,
+                             "-d", 0.5)
+        received = server.count
+    assert proc.returncode == 0, proc.stderr
+    assert res["udp"] is True and res["flood"] is True
+    assert res["errors"] == 0
+    assert 0 < received <= res["requests"] + 3 * 64 * 3  # sends before the measured window
 
 
 @pytest.mark.parametrize("args", [
