@@ -308,6 +308,11 @@ def test_signals_after_exit_raise_process_lookup_error(loop, run):
     async def main():
         p = await asyncio.create_subprocess_exec("true")
         await p.wait()
+        # wait() returns at once for a child that exited before it was
+        # called, on every loop, while the transport's connection_lost() is
+        # still scheduled: the signals raise once that ran.
+        for _ in range(5):
+            await asyncio.sleep(0)
         for call in (p.kill, p.terminate, lambda: p.send_signal(signal.SIGTERM)):
             with pytest.raises(ProcessLookupError):
                 call()
