@@ -439,3 +439,26 @@ def test_empty_datagrams_as_the_stock_loop(loop, run):
 
     expected = [b"", b"last"] if mtloop_datagram_rules()[0] else [b"last"]
     assert run(main()) == expected
+
+
+@pytest.mark.uvloop_xfail("uvloop rejects a path as local_addr for AF_UNIX (TypeError)")
+def test_unix_datagram_from_an_unbound_sender(loop, run, tmp_path):
+    # An unbound Unix socket's datagrams carry an empty address: the
+    # protocol gets what recvfrom() gives, as on the stock loop.
+    path = str(tmp_path / "server.sock")
+
+    async def main():
+        server, proto = await loop.create_datagram_endpoint(
+            lambda: Recorder(loop), local_addr=path, family=socket.AF_UNIX)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.sendto(b"anonymous", path)
+            await proto.wait_for(1)
+        server.close()
+        return proto.datagrams
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as a, \
+            socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as b:
+        b.bind(str(tmp_path / "probe.sock"))
+        a.sendto(b"x", str(tmp_path / "probe.sock"))
+        expected_addr = b.recvfrom(10)[1]
+    assert run(main()) == [(b"anonymous", expected_addr)]
