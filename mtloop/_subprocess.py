@@ -45,18 +45,6 @@ class SubprocessTransport(base_subprocess.BaseSubprocessTransport):
             args, shell=shell, stdin=stdin, stdout=stdout, stderr=stderr,
             universal_newlines=False, bufsize=bufsize, **kwargs)
 
-    def _mt_exited(self, returncode: int) -> None:
-        """The child exited.  While its pipes are still being connected (a
-        child that exits at once), the report waits for them: otherwise
-        wait() returns at once, before connection_lost() is even scheduled,
-        and a signal sent then finds no ProcessLookupError.  The stock
-        loop's child watchers report a loop iteration late at least, which
-        hides the same race."""
-        if self._pending_calls is not None and not self._closed:
-            self._loop.call_soon(self._mt_exited, returncode)
-            return
-        self._process_exited(returncode)
-
 
 def _use_pidfd() -> bool:
     return (hasattr(os, "pidfd_open") and hasattr(os, "P_PIDFD")
@@ -143,7 +131,7 @@ class SubprocessMethods:
                 pidfd = os.pidfd_open(pid)
             except ProcessLookupError:
                 # Reaped already (by Popen, or an application's waitpid(-1)).
-                self.call_soon(transport._mt_exited, _exit_code(transport, None))
+                self.call_soon(transport._process_exited, _exit_code(transport, None))
                 return
             except OSError as exc:
                 if self.get_debug():
@@ -168,7 +156,7 @@ class SubprocessMethods:
         # Reported on the next iteration, as the stock loop's watchers
         # report it (through call_soon_threadsafe): a task that was about
         # to call wait() gets there first.
-        self.call_soon(transport._mt_exited, _exit_code(transport, status))
+        self.call_soon(transport._process_exited, _exit_code(transport, status))
 
     def _mt_wait_child_thread(self, transport: SubprocessTransport) -> None:
         pid = transport.get_pid()
@@ -182,7 +170,7 @@ class SubprocessMethods:
             pass  # the loop closed: the child is reaped, nobody is waiting
 
     def _mt_child_exited(self, transport: SubprocessTransport, status: int | None) -> None:
-        transport._mt_exited(_exit_code(transport, status))
+        transport._process_exited(_exit_code(transport, status))
 
     def _mt_close_children(self) -> None:
         """The loop closes: its children still running are reaped by a

@@ -137,19 +137,18 @@ static void release(mt_io_thread *io, mt_dgram *d, int err, bool notify)
 
 /* ---- receiving ---------------------------------------------------------------- */
 
-/* One datagram from the scratch to the loop.  Out of memory, it is
- * dropped, as the kernel drops what it has no room for. */
-static void deliver(mt_io_thread *io, mt_dgram *d, scratch *s, int i)
+/* One datagram from the scratch to the loop.  False when out of memory:
+ * it is dropped then, as the kernel drops what it has no room for. */
+static bool deliver(mt_io_thread *io, mt_dgram *d, scratch *s, int i)
 {
     struct msghdr *h = &s->hdr[i].msg_hdr;
     size_t n = s->hdr[i].msg_len;
     mt_msg *msg = dgram_msg_new(MT_DGRAM_RECEIVED, &d->rec, h->msg_name, h->msg_namelen, n);
     if (msg == NULL)
-        return;
+        return false;
     memcpy(mt_dgram_bytes(msg), h->msg_iov->iov_base, n);
-    mt_credit_take(&d->credit, mt_dgram_charge(n));
-    mt_counter_add(&mt_io_thread_stats(io)->bytes_read, n);
     mt_io_thread_emit(io, msg);
+    return true;
 }
 
 static void receive(mt_io_thread *io, mt_dgram *d)
@@ -184,8 +183,18 @@ static void receive(mt_io_thread *io, mt_dgram *d)
                 emit_error(io, d, errno); /* an ICMP error, as recvfrom() reports it */
             continue;
         }
-        for (int i = 0; i < n; i++)
-            deliver(io, d, s, i);
+        /* Credit and counters once a batch: the completions reach the loop
+         * only after this round (the thread pushes its batches later). */
+        int64_t charge = 0;
+        uint64_t bytes = 0;
+        for (int i = 0; i < n; i++) {
+            if (deliver(io, d, s, i)) {
+                bytes += s->hdr[i].msg_len;
+                charge += mt_dgram_charge(s->hdr[i].msg_len);
+            }
+        }
+        mt_credit_take(&d->credit, charge);
+        mt_counter_add(&mt_io_thread_stats(io)->bytes_read, bytes);
         if ((unsigned)n < slots)
             return;
     }
@@ -193,7 +202,10 @@ static void receive(mt_io_thread *io, mt_dgram *d)
 
 /* ---- sending -------------------------------------------------------------------- */
 
-static void pop_sent(mt_io_thread *io, mt_dgram *d, bool sent)
+/* Takes the first SEND off the queue (sent, or failed) and frees it; its
+ * units, for the caller to count as flushed.  The record is attached, so
+ * the message's reference is not its last. */
+static uint64_t pop_sent(mt_dgram *d, uint64_t *bytes)
 {
     mt_msg *m = d->out_head;
     size_t n = mt_dgram_size(m);
@@ -202,10 +214,9 @@ static void pop_sent(mt_io_thread *io, mt_dgram *d, bool sent)
     if (d->out_head == NULL)
         d->out_tail = NULL;
     d->out_units -= units;
-    if (sent)
-        mt_counter_add(&mt_io_thread_stats(io)->bytes_written, n);
-    note_flushed(io, d, units);
+    *bytes += n;
     mt_msg_free(m);
+    return units;
 }
 
 static void flush(mt_io_thread *io, mt_dgram *d)
@@ -239,13 +250,17 @@ static void flush(mt_io_thread *io, mt_dgram *d)
             }
             /* This datagram fails (asyncio reports it to error_received()
              * and goes on with the next). */
+            uint64_t failed_bytes = 0;
             emit_error(io, d, err);
-            pop_sent(io, d, false);
+            note_flushed(io, d, pop_sent(d, &failed_bytes));
             continue;
         }
         mt_out_note_progress(&d->marks);
+        uint64_t units = 0, bytes = 0;
         for (int i = 0; i < n; i++)
-            pop_sent(io, d, true);
+            units += pop_sent(d, &bytes);
+        mt_counter_add(&mt_io_thread_stats(io)->bytes_written, bytes);
+        note_flushed(io, d, units); /* once a batch: a DRAINED handshake each */
     }
     if (d->want_write) {
         d->want_write = false;
