@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import ssl
 from asyncio import constants, exceptions, sslproto, trsock
 from typing import Any, Callable
 
@@ -55,6 +56,87 @@ class StreamMethods:
             ssl_shutdown_timeout=ssl_shutdown_timeout)
         SocketTransport(self, rawsock, ssl_protocol, extra=extra, server=server)
         return ssl_protocol._app_transport
+
+    # ---- start_tls ----------------------------------------------------------
+
+    async def start_tls(self, transport: Any, protocol: Any, sslcontext: Any, *,
+                        server_side: bool = False, server_hostname: str | None = None,
+                        ssl_handshake_timeout: float | None = None,
+                        ssl_shutdown_timeout: float | None = None) -> Any:
+        """asyncio's start_tls(); on an mtloop socket transport whose context
+        the native path honours, the TLS goes on in a native TLS flow on the
+        same connection (the plain flow is handed over: its output sent
+        first, what it read past the upgrade fed to the SSL first), else in
+        asyncio's SSL protocol, as on the stock loop."""
+        if not self._mt_start_tls_natively(transport, sslcontext):
+            return await super().start_tls(  # type: ignore[misc]
+                transport, protocol, sslcontext, server_side=server_side,
+                server_hostname=server_hostname, ssl_handshake_timeout=ssl_handshake_timeout,
+                ssl_shutdown_timeout=ssl_shutdown_timeout)
+        handshake_timeout, shutdown_timeout = _tls.check_timeouts(ssl_handshake_timeout,
+                                                                  ssl_shutdown_timeout)
+        session = _tls.new_session(sslcontext, server_side, server_hostname)
+        _tls.count(None)
+        deadline = self.time() + handshake_timeout
+        released = self.create_future()
+
+        def timed_out() -> None:
+            if not released.done():
+                released.set_result(-1)
+
+        timer = self.call_at(deadline, timed_out)
+        transport._mt_hand_over(released)
+        try:
+            err = await released
+        except BaseException:
+            transport._mt_retire(abort=True)
+            raise
+        finally:
+            timer.cancel()
+        if err:
+            transport._mt_retire(abort=True)
+            if err < 0:
+                raise ConnectionAbortedError(
+                    f"SSL handshake is taking longer than {handshake_timeout} seconds: "
+                    f"aborting the connection")
+            raise OSError(err, os.strerror(err))
+        held = transport._core.take_held()
+        if held:
+            _mtloop.tls_session_prefix(session, held)
+        waiter = self.create_future()
+        sock, fd, extra = transport._mt_successor()
+        try:
+            tls = _tls.NativeSSLTransport(
+                self, sock, protocol, sslcontext, waiter, server_side,
+                None if server_side else server_hostname or None, extra, transport._server,
+                max(deadline - self.time(), 1e-3), shutdown_timeout, session=session, fd=fd,
+                sockinfo=transport._sockinfo, upgrade=True)
+        except BaseException:
+            if sock is not None:
+                sock.close()  # it left the plain transport (a copy of fd is closed for us)
+            raise
+        finally:
+            transport._mt_retire(abort=False)
+        try:
+            await waiter
+        except BaseException:
+            tls.close()
+            raise
+        return tls
+
+    def _mt_start_tls_natively(self, transport: Any, sslcontext: Any) -> bool:
+        """Whether start_tls() on `transport` with `sslcontext` runs on the
+        I/O thread (a fallback is counted in mtloop.tls_stats() here).  Anything else goes to
+        the stock implementation: its argument errors, TLS over TLS, a
+        transport of another kind or already closing, a context the native
+        path cannot honour."""
+        if (type(transport) is not SocketTransport or not isinstance(sslcontext, ssl.SSLContext)
+                or transport.is_closing()):
+            return False
+        reason = _tls.fallback_reason(self, sslcontext)
+        if reason is not None:
+            _tls.count(reason)
+        return reason is None
 
     # ---- servers ------------------------------------------------------------
 

@@ -36,7 +36,8 @@ from typing import Any
 from . import _mtloop
 from ._transports import SocketTransport
 
-__all__ = ["NativeSSLObject", "NativeSSLTransport", "fallback_reason", "new_session", "stats"]
+__all__ = ["NativeSSLObject", "NativeSSLTransport", "check_timeouts", "fallback_reason",
+           "new_session", "stats"]
 
 _PROVED_VERSIONS = {(3, 11), (3, 12), (3, 13)}
 _SSL_VERIFY_PEER = 0x01
@@ -175,6 +176,23 @@ def stats() -> dict[str, Any]:
             "fallback": _counts["fallback"],
             "fallback_reasons": dict(_counts["fallback_reasons"]),
         }
+
+
+def check_timeouts(ssl_handshake_timeout: float | None,
+                   ssl_shutdown_timeout: float | None) -> tuple[float, float]:
+    """Both timeouts, the defaults for None, checked as asyncio's SSL
+    protocol checks them."""
+    if ssl_handshake_timeout is None:
+        ssl_handshake_timeout = constants.SSL_HANDSHAKE_TIMEOUT
+    elif ssl_handshake_timeout <= 0:
+        raise ValueError(f"ssl_handshake_timeout should be a positive number, "
+                         f"got {ssl_handshake_timeout}")
+    if ssl_shutdown_timeout is None:
+        ssl_shutdown_timeout = getattr(constants, "SSL_SHUTDOWN_TIMEOUT", 30.0)
+    elif ssl_shutdown_timeout <= 0:
+        raise ValueError(f"ssl_shutdown_timeout should be a positive number, "
+                         f"got {ssl_shutdown_timeout}")
+    return ssl_handshake_timeout, ssl_shutdown_timeout
 
 
 def new_session(sslcontext: ssl.SSLContext, server_side: bool,
@@ -356,7 +374,7 @@ class NativeSSLTransport(SocketTransport):
 
     __slots__ = ("_sslcontext", "_server_side", "_server_hostname", "_waiter", "_tls_state",
                  "_handshake_timeout", "_shutdown_timeout", "_handshake_timer",
-                 "_shutdown_timer", "_handshake_start", "_eof_told")
+                 "_shutdown_timer", "_handshake_start", "_eof_told", "_upgrade")
 
     _sendfile_compatible = constants._SendfileMode.FALLBACK
     _start_tls_compatible = True  # TLS over TLS: asyncio's SSL protocol on top
@@ -365,19 +383,19 @@ class NativeSSLTransport(SocketTransport):
                  waiter: Any, server_side: bool, server_hostname: str | None,
                  extra: dict | None, server: Any, ssl_handshake_timeout: float | None,
                  ssl_shutdown_timeout: float | None, *, session: Any, fd: int = -1,
-                 sockinfo: tuple[int, int, int] | None = None) -> None:
+                 sockinfo: tuple[int, int, int] | None = None, upgrade: bool = False) -> None:
+        """`upgrade`: start_tls() on a connection the protocol already has,
+        whose connection_made() is not called again (asyncio's
+        call_connection_made=False)."""
+        self._upgrade = upgrade
         self._sslcontext = sslcontext
         self._server_side = server_side
         self._server_hostname = server_hostname
         self._waiter = waiter
         self._tls_state = _OPENING
         self._eof_told = False  # eof_received() was called
-        if ssl_handshake_timeout is None:
-            ssl_handshake_timeout = constants.SSL_HANDSHAKE_TIMEOUT
-        if ssl_shutdown_timeout is None:
-            ssl_shutdown_timeout = getattr(constants, "SSL_SHUTDOWN_TIMEOUT", 30.0)
-        self._handshake_timeout = ssl_handshake_timeout
-        self._shutdown_timeout = ssl_shutdown_timeout
+        self._handshake_timeout, self._shutdown_timeout = check_timeouts(ssl_handshake_timeout,
+                                                                         ssl_shutdown_timeout)
         self._handshake_timer = None
         self._shutdown_timer = None
         self._handshake_start = 0.0
@@ -430,13 +448,14 @@ class NativeSSLTransport(SocketTransport):
             logger.debug("%r: SSL handshake took %.1f ms", self, dt * 1e3)
         self._extra.update(peercert=peercert, cipher=sslobj.cipher(),
                            compression=sslobj.compression(), ssl_object=sslobj)
-        try:
-            self._protocol.connection_made(self)
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except BaseException as exc:
-            self._fatal_error(exc, "Error on protocol.connection_made()")
-            return
+        if not self._upgrade:
+            try:
+                self._protocol.connection_made(self)
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                self._fatal_error(exc, "Error on protocol.connection_made()")
+                return
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.cancelled():
             waiter.set_result(None)
@@ -527,7 +546,10 @@ class NativeSSLTransport(SocketTransport):
             if timer is not None:
                 timer.cancel()
                 setattr(self, name, None)
-        if self._tls_state == _OPEN:
+        if self._tls_state == _OPEN or (self._upgrade and self._tls_state == _FAILED):
+            # After start_tls() the protocol had the connection already: as
+            # asyncio's SSL protocol, a failed handshake ends it (one that
+            # timed out, still in progress, does not).
             protocol.connection_lost(exc)
         # The protocol never saw the connection: the waiter tells.
         waiter, self._waiter = self._waiter, None

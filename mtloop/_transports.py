@@ -173,10 +173,13 @@ class CoreTransport(transports._FlowControlMixin, transports.Transport):
             if protocol is not None:
                 self._mt_notify_lost(protocol, exc)
         finally:
-            self._mt_lost()
-            self._core.set_protocol(None)
-            self._core.release()
-            self._loop = None
+            self._mt_let_go()
+
+    def _mt_let_go(self) -> None:
+        self._mt_lost()
+        self._core.set_protocol(None)
+        self._core.release()
+        self._loop = None
 
     def _mt_notify_lost(self, protocol: Any, exc: BaseException | None) -> None:
         """Tells the protocol that the connection is over."""
@@ -288,7 +291,7 @@ class SocketTransport(_mtloop.StreamWriteMethods, FlowTransport):
 
     # write() and writelines() come from StreamWriteMethods, in C: a
     # protocol's transport.write(data) runs no Python frame.
-    __slots__ = ("_sock", "_server", "_sockinfo")
+    __slots__ = ("_sock", "_server", "_sockinfo", "_handover")
 
     _sendfile_compatible = constants._SendfileMode.TRY_NATIVE
     _start_tls_compatible = True
@@ -304,6 +307,7 @@ class SocketTransport(_mtloop.StreamWriteMethods, FlowTransport):
         self._sock = None
         self._server = None
         self._sockinfo = sockinfo
+        self._handover = None
         if sock is not None:
             self._mt_open(loop, sock.fileno(), protocol, True, extra, tls)
         else:
@@ -374,6 +378,47 @@ class SocketTransport(_mtloop.StreamWriteMethods, FlowTransport):
         sock, self._sock = self._sock, None
         if sock is not None:
             sock.close()
+
+    # ---- start_tls() on the I/O thread (mtloop/_streams.py) -----------------
+
+    def _mt_hand_over(self, released: Any) -> None:
+        """Ends this transport's flow, its output sent first, so that a TLS
+        flow can go on with the connection: `released` gets the errno of the
+        end (0: clean) once the I/O thread has let go of it; what it read
+        and did not deliver is then in _core.take_held()."""
+        self._handover = released
+        self._core.hand_over()
+
+    def _mt_closed(self, err: int) -> None:
+        released, self._handover = self._handover, None
+        if released is not None:
+            if not released.done():
+                released.set_result(err)
+            return
+        super()._mt_closed(err)
+
+    def _mt_successor(self) -> tuple[Any, int, dict]:
+        """(socket object, fd, extra) for the transport that goes on with
+        this connection: the socket object if there is one (it moves to the
+        successor), else a copy of the descriptor."""
+        extra = {k: v for k, v in self._extra.items() if k != "socket"}
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            return sock, -1, extra
+        return None, os.dup(self._core.fd), extra
+
+    def _mt_retire(self, abort: bool) -> None:
+        """Ends this transport without a word to its protocol: the
+        connection went on in another one (start_tls), or the upgrade
+        failed (`abort`), as asyncio's SSL protocol tells the application
+        nothing of a handshake that never finished."""
+        if self._lost_scheduled:
+            return
+        self._lost_scheduled = True
+        self._handover = None
+        if abort:
+            self._core.abort()
+        self._mt_let_go()
 
     # ---- sendfile on the I/O thread ----------------------------------------
 

@@ -410,6 +410,74 @@ def test_mtloop_closed_mid_handshake(certs, native_tls):
         lsock.close()
 
 
+# ---- start_tls() ----------------------------------------------------------------------
+
+
+def starttls_peer(lsock, tls_ctx=None):
+    """A plain server in a thread: reads "STARTTLS\n", answers "GO\n", then
+    takes the TLS handshake as the server with `tls_ctx` (None: never
+    speaks again, until the client goes)."""
+    errors = []
+
+    def main():
+        try:
+            conn, _ = lsock.accept()
+            conn.settimeout(10)
+            with conn:
+                got = b""
+                while not got.endswith(b"\n"):
+                    got += conn.recv(1)
+                conn.sendall(b"GO\n")
+                if tls_ctx is None:
+                    while conn.recv(65536):
+                        pass
+                    return
+                tls_ctx.wrap_socket(conn, server_side=True).close()
+        except Exception as exc:  # reported by the test
+            errors.append(exc)
+
+    thread = threading.Thread(target=main, daemon=True)
+    thread.start()
+    return thread, errors
+
+
+@pytest.mark.parametrize("case", [
+    "untrusted",
+    pytest.param("timeout", marks=pytest.mark.uvloop_xfail(
+        "uvloop tells the protocol of a start_tls() handshake that timed out "
+        "(connection_lost(ConnectionAbortedError)); the stock loop does not")),
+])
+def test_start_tls_failure_as_the_stock_loop(loop, run, certs, case):
+    """start_tls() that fails: what it raises, and what the protocol is told
+    (a failed handshake ends the connection it had; one that timed out is
+    aborted without a word to it)."""
+
+    async def attempt(lp):
+        lsock = listener()
+        thread, _ = starttls_peer(lsock, certs.server() if case == "untrusted" else None)
+        try:
+            p = Events(lp)
+            t, _ = await lp.create_connection(lambda: p, *lsock.getsockname())
+            t.write(b"STARTTLS\n")
+            while p.events[-1:] != [("data", b"GO\n")]:
+                await asyncio.sleep(0.01)
+            with pytest.raises(OSError) as info:
+                await lp.start_tls(t, p, certs.client(trust=case != "untrusted"),
+                                   server_hostname=HOST, ssl_handshake_timeout=0.3)
+            for _ in range(20):  # what the protocol is told comes on later iterations
+                await asyncio.sleep(0)
+            t.close()
+            await lp.run_in_executor(None, thread.join, 10)
+            return _describe(info.value), p.events
+        finally:
+            lsock.close()
+
+    got = run(attempt(loop))
+    assert got == on_stock_loop(attempt)
+    assert got[0][0] is (ssl.SSLCertVerificationError if case == "untrusted"
+                         else ConnectionAbortedError)
+
+
 # ---- mtloop: which path a connection takes --------------------------------------------
 
 def _mtloop():
@@ -633,3 +701,125 @@ def test_post_handshake_client_auth_as_the_stock_loop(loop, run, certs):
     got = run(attempt(loop))
     assert got == on_stock_loop(attempt)
     assert got[0]["before"] is None and got[0]["after"] == (("DNS", "client.example"),)
+
+
+# ---- mtloop: start_tls() on the I/O thread ----------------------------------------------
+
+
+def test_start_tls_runs_natively(certs):
+    """Both ends of a connection upgraded by start_tls() run natively: the
+    plain flow is handed over to a TLS flow on the same socket."""
+    mtloop = _mtloop()
+    lp = mtloop.new_event_loop()
+
+    async def main():
+        upgraded = lp.create_future()
+
+        class Plain(asyncio.Protocol):
+            def connection_made(self, transport):
+                self.transport = transport
+
+            def data_received(self, data):
+                assert data == b"STARTTLS\n"
+                self.transport.write(b"GO\n")  # sent before the TLS begins
+                lp.create_task(self.upgrade())
+
+            async def upgrade(self):
+                echo = Collect(lp, 0)
+                tls = await lp.start_tls(self.transport, echo, certs.server(), server_side=True)
+                upgraded.set_result((self.transport, tls))
+
+        server = await lp.create_server(Plain, "127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection(*server.sockets[0].getsockname())
+        writer.write(b"STARTTLS\n")
+        assert await reader.readline() == b"GO\n"
+        await writer.start_tls(certs.client(), server_hostname=HOST)
+        plain, tls = await asyncio.wait_for(upgraded, 10)
+        kinds = (type(writer.get_extra_info("ssl_object")).__name__,
+                 type(tls.get_extra_info("ssl_object")).__name__)
+        assert plain.is_closing() and not tls.is_closing()
+        assert tls.get_extra_info("peername") == writer.get_extra_info("sockname")
+        assert tls.get_extra_info("socket").fileno() >= 0
+        tls.write(b"over TLS")
+        assert await reader.readexactly(8) == b"over TLS"
+        writer.close()
+        await writer.wait_closed()
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), 10)
+        return kinds
+
+    try:
+        native, reasons, kinds = _count_paths(lambda: lp.run_until_complete(
+            asyncio.wait_for(main(), 20)))
+    finally:
+        lp.close()
+    assert (native, reasons) == (2, {})
+    assert kinds == ("NativeSSLObject", "NativeSSLObject")
+
+
+def test_start_tls_takes_what_was_read_past_the_upgrade(certs, monkeypatch):
+    """The peer's ClientHello arrived while the plain protocol had paused
+    reading (the I/O thread had read it already): it is the start of the
+    TLS stream, fed to the SSL before the socket, and the handshake
+    completes.  The loop thread is held while both the request and the
+    hello come, 0.1 s apart, so that they are two reads."""
+    import time
+
+    mtloop = _mtloop()
+    lp = mtloop.new_event_loop()
+    prefixes = []
+    real_prefix = mtloop._mtloop.tls_session_prefix
+
+    def spy(session, data):
+        prefixes.append(data)
+        real_prefix(session, data)
+
+    monkeypatch.setattr(mtloop._mtloop, "tls_session_prefix", spy)
+    seen = []
+
+    class Plain(asyncio.Protocol):
+        def connection_made(self, transport):
+            self.transport = transport
+
+        def data_received(self, data):
+            seen.append(data)
+            self.transport.pause_reading()
+            lp.create_task(self.upgrade())
+
+        async def upgrade(self):
+            echo = Collect(lp, 0)
+            tls = await lp.start_tls(self.transport, echo, certs.server(), server_side=True)
+            echo.transport = tls
+            tls.write(b"hello over TLS")
+
+    def client(port, errors, answer):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                time.sleep(0.1)  # the server reads
+                lp.call_soon_threadsafe(time.sleep, 0.6)
+                time.sleep(0.1)
+                sock.sendall(b"STARTTLS\n")
+                time.sleep(0.1)
+                with certs.client().wrap_socket(sock, server_hostname=HOST) as tls:
+                    answer.append(tls.recv(64))
+        except Exception as exc:  # reported by the test
+            errors.append(exc)
+
+    async def main():
+        server = await lp.create_server(Plain, "127.0.0.1", 0)
+        errors, answer = [], []
+        thread = threading.Thread(target=client, daemon=True,
+                                  args=(server.sockets[0].getsockname()[1], errors, answer))
+        thread.start()
+        await lp.run_in_executor(None, thread.join, 15)
+        server.close()
+        return errors, answer
+
+    try:
+        errors, answer = lp.run_until_complete(asyncio.wait_for(main(), 20))
+    finally:
+        lp.close()
+    assert errors == []
+    assert answer == [b"hello over TLS"]
+    assert seen == [b"STARTTLS\n"]
+    assert len(prefixes) == 1 and prefixes[0][:1] == b"\x16"  # a TLS handshake record

@@ -226,7 +226,10 @@ SUITES = {
         build=[("SubprocessTests", ["SubprocessMixin"], "utils", "setUp")]),
     # TLS over transports (asyncio's SSL protocol), start_tls, TLS servers.
     "test_ssl": dict(module="test_ssl", group="network"),
-    "test_sslproto": dict(module="test_sslproto", group="network"),
+    "test_sslproto": dict(
+        module="test_sslproto", group="network",
+        drop=r"^(Selector|Proactor)StartTLSTests$",
+        build=[("StartTLSTests", ["SelectorStartTLSTests"], None, "new_loop")]),
 }
 
 DEFAULT_SUITES = [n for n, s in SUITES.items() if s["group"] == "default"]

@@ -41,6 +41,8 @@ typedef struct mt_stream_core {
                                    once the buffer is empty, after
                                    resume_writing() had its chance to write
                                    more, as the stock transport closes */
+    bool keep_held;             /* hand_over(): what the flow read and did
+                                   not deliver stays, for take_held() */
     int conn_lost;
     mt_out_view out;            /* write accounting over the flow's marks
                                    (bytes handed to WRITE messages) */
@@ -637,23 +639,80 @@ static PyObject *core_shutdown_write(mt_stream_core *self, PyObject *Py_UNUSED(a
  * resume_writing() ran: a protocol may write from resume_writing() after
  * close() (asyncio's SSL protocol sends its close_notify so), and the stock
  * transport sends that too before it closes. */
-static PyObject *core_close(mt_stream_core *self, PyObject *Py_UNUSED(a))
+static void begin_close(mt_stream_core *self)
 {
-    if (check_fork(self) < 0)
-        return NULL;
     self->closing = true;
-    drop_deferred(self);
+    if (!self->keep_held)
+        drop_deferred(self);
     if (self->closed || self->flow == NULL)
-        Py_RETURN_NONE;
+        return;
     if (write_buffer_size(self) == 0) {
         signal_flow(self, MT_FLOW_CLOSE);
-        Py_RETURN_NONE;
+        return;
     }
     self->close_pending = true;
     set_want_read(self, false);
     if (!self->out.paused)
         arm_drained_at(self, self->out.queued); /* paused: the resume mark comes first */
+}
+
+static PyObject *core_close(mt_stream_core *self, PyObject *Py_UNUSED(a))
+{
+    if (check_fork(self) < 0)
+        return NULL;
+    begin_close(self);
     Py_RETURN_NONE;
+}
+
+/* start_tls() on the I/O thread (mtloop/_streams.py): the flow ends as
+ * close() ends it, its output sent first, and RELEASED calls the
+ * transport's _mt_closed(); but what it read and did not deliver (held
+ * while reading was paused, or still on its way) is kept: it is the start
+ * of the TLS stream, for take_held(). */
+static PyObject *core_hand_over(mt_stream_core *self, PyObject *Py_UNUSED(a))
+{
+    if (check_fork(self) < 0)
+        return NULL;
+    if (self->closing || self->closed || self->flow == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "the transport is closing");
+        return NULL;
+    }
+    self->keep_held = true;
+    if (!self->reading_paused) {
+        self->reading_paused = true;
+        if (self->reading_started)
+            set_want_read(self, false);
+    }
+    begin_close(self);
+    Py_RETURN_NONE;
+}
+
+/* After hand_over() and RELEASED: the bytes the flow read and did not
+ * deliver, in order (an end of stream or a read error among them is
+ * dropped: the socket reports it again to whoever reads it next). */
+static PyObject *core_take_held(mt_stream_core *self, PyObject *Py_UNUSED(a))
+{
+    if (!self->keep_held) {
+        PyErr_SetString(PyExc_RuntimeError, "take_held() without hand_over()");
+        return NULL;
+    }
+    Py_ssize_t total = 0;
+    for (mt_msg *m = self->deferred_head; m != NULL; m = next_msg(m))
+        if (m->op == MT_FLOW_DATA)
+            total += (Py_ssize_t)m->len;
+    PyObject *held = PyBytes_FromStringAndSize(NULL, total);
+    if (held == NULL)
+        return NULL;
+    char *p = PyBytes_AS_STRING(held);
+    for (mt_msg *m = self->deferred_head; m != NULL; m = next_msg(m)) {
+        if (m->op == MT_FLOW_DATA) {
+            memcpy(p, mt_msg_data(m), m->len);
+            p += m->len;
+        }
+    }
+    self->keep_held = false;
+    drop_deferred(self);
+    return held;
 }
 
 static PyObject *core_abort(mt_stream_core *self, PyObject *Py_UNUSED(a))
@@ -808,7 +867,8 @@ static int on_released(mt_stream_core *self, int err)
 {
     self->closed = true;
     self->closing = true;
-    drop_deferred(self);
+    if (!self->keep_held)
+        drop_deferred(self);
     int rc = 0;
     if (self->sendfile_running)
         rc = on_sendfile_done(self, ECONNABORTED, 0);
@@ -845,7 +905,7 @@ static int stream_dispatch(mt_loop *loop, mt_msg *msg)
     case MT_FLOW_DATA:
     case MT_FLOW_EOF:
     case MT_FLOW_READ_ERROR:
-        if (self->closing)
+        if (self->closing && !self->keep_held)
             free_msg(self, msg);
         else if (reading_held(self))
             defer(self, msg);
@@ -1134,6 +1194,10 @@ static PyMethodDef core_methods[] = {
     {"_redeliver", (PyCFunction)core_redeliver, METH_NOARGS, NULL},
     {"shutdown_write", (PyCFunction)core_shutdown_write, METH_NOARGS, NULL},
     {"close", (PyCFunction)core_close, METH_NOARGS, "Flush, then release the flow."},
+    {"hand_over", (PyCFunction)core_hand_over, METH_NOARGS,
+     "Flush, then release the flow, keeping what it read for take_held()."},
+    {"take_held", (PyCFunction)core_take_held, METH_NOARGS,
+     "The bytes read and not delivered, after hand_over() (start_tls)."},
     {"abort", (PyCFunction)core_abort, METH_NOARGS, "Drop the output, release the flow."},
     {"release", (PyCFunction)core_release, METH_NOARGS,
      "Let go of the flow (connection_lost): its fd closes once the I/O thread is done."},

@@ -69,6 +69,8 @@ typedef struct mt_tls_flow {
                                            waiting to write */
     bool end_pending;                   /* a read returned data, then met the end or
                                            a failure: the next read reports it */
+    bool prefixed;                      /* reads a start_tls() prefix first (set
+                                           before attach) */
 
     /* Written by the I/O thread before the completion that reports them
      * (OPENED; READ_ERROR or WRITE_ERROR with EPROTO; RELEASED after the
@@ -92,8 +94,11 @@ void mt_tls_set_max_handshakes(int n);
 int mt_tls_max_handshakes(void);
 
 /* A new TLS flow around `fd` (as mt_flow_new), taking over `ssl` on
- * success. */
-mt_tls_flow *mt_tls_flow_new(SSL *ssl, const struct mt_loop_ops *loop_ops, mt_sink *sink,
+ * success.  The SSL reads the `prefix_len` bytes at `prefix` first, then
+ * the socket: start_tls() passes what the plain flow read past the
+ * upgrade (NULL, 0: none). */
+mt_tls_flow *mt_tls_flow_new(SSL *ssl, const void *prefix, size_t prefix_len,
+                             const struct mt_loop_ops *loop_ops, mt_sink *sink,
                              mt_io_thread *io, int fd);
 
 static inline mt_tls_flow *mt_tls_flow_of(mt_flow *f)

@@ -114,6 +114,7 @@ static PyObject *tls_ref_set(PyObject *m, PyObject *args)
 typedef struct tls_session {
     SSL *ssl;       /* until a flow takes it */
     PyObject *ctx;  /* strong: the SSL's callbacks may point into it */
+    PyObject *prefix; /* bytes the SSL reads before the socket, or NULL */
 } tls_session;
 
 static void session_free(PyObject *capsule)
@@ -124,6 +125,7 @@ static void session_free(PyObject *capsule)
     if (s->ssl != NULL)
         SSL_free(s->ssl);
     Py_XDECREF(s->ctx);
+    Py_XDECREF(s->prefix);
     PyMem_Free(s);
 }
 
@@ -218,6 +220,7 @@ static PyObject *tls_session_new(PyObject *m, PyObject *args)
     }
     s->ssl = ssl;
     s->ctx = Py_NewRef(ctx);
+    s->prefix = NULL;
     PyObject *capsule = PyCapsule_New(s, SESSION_CAPSULE, session_free);
     if (capsule == NULL) {
         SSL_free(ssl);
@@ -227,17 +230,41 @@ static PyObject *tls_session_new(PyObject *m, PyObject *args)
     return capsule;
 }
 
-mt_flow *mt_tls_core_new_flow(PyObject *session, const struct mt_loop_ops *loop_ops,
-                              mt_sink *sink, mt_io_thread *io, int fd)
+static tls_session *unused_session(PyObject *session)
 {
     tls_session *s = PyCapsule_GetPointer(session, SESSION_CAPSULE);
-    if (s == NULL)
-        return NULL;
-    if (s->ssl == NULL) {
+    if (s != NULL && s->ssl == NULL) {
         PyErr_SetString(PyExc_ValueError, "TLS session already used");
         return NULL;
     }
-    mt_tls_flow *t = mt_tls_flow_new(s->ssl, loop_ops, sink, io, fd);
+    return s;
+}
+
+/* tls_session_prefix(session, data): the session's SSL will read `data`
+ * (bytes) before the socket: what a plain connection read past the point
+ * where start_tls() upgraded it. */
+static PyObject *tls_session_prefix(PyObject *m, PyObject *args)
+{
+    (void)m;
+    PyObject *session, *data;
+    if (!PyArg_ParseTuple(args, "OS:tls_session_prefix", &session, &data))
+        return NULL;
+    tls_session *s = unused_session(session);
+    if (s == NULL)
+        return NULL;
+    Py_XSETREF(s->prefix, Py_NewRef(data));
+    Py_RETURN_NONE;
+}
+
+mt_flow *mt_tls_core_new_flow(PyObject *session, const struct mt_loop_ops *loop_ops,
+                              mt_sink *sink, mt_io_thread *io, int fd)
+{
+    tls_session *s = unused_session(session);
+    if (s == NULL)
+        return NULL;
+    const char *prefix = s->prefix ? PyBytes_AS_STRING(s->prefix) : NULL;
+    size_t prefix_len = s->prefix ? (size_t)PyBytes_GET_SIZE(s->prefix) : 0;
+    mt_tls_flow *t = mt_tls_flow_new(s->ssl, prefix, prefix_len, loop_ops, sink, io, fd);
     if (t == NULL) {
         PyErr_NoMemory();
         return NULL;
@@ -252,6 +279,7 @@ mt_flow *mt_tls_core_new_flow(PyObject *session, const struct mt_loop_ops *loop_
         Py_DECREF(s->ctx);
     s->ssl = NULL;
     s->ctx = NULL;
+    Py_CLEAR(s->prefix); /* copied into the flow */
     return &t->flow;
 }
 
@@ -370,6 +398,8 @@ static PyMethodDef tls_functions[] = {
     {"tls_find_ref", tls_find_ref, METH_VARARGS, "Offset of a pointer to obj inside ctx, or -1."},
     {"tls_ref_set", tls_ref_set, METH_VARARGS, "Whether the pointer at a proved offset is set."},
     {"tls_session", tls_session_new, METH_VARARGS, "The SSL of one native TLS connection."},
+    {"tls_session_prefix", tls_session_prefix, METH_VARARGS,
+     "Bytes the session's SSL reads before the socket (start_tls)."},
     {NULL, NULL, 0, NULL},
 };
 

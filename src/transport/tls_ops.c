@@ -4,8 +4,10 @@
 
 #include <errno.h>
 #include <limits.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <openssl/err.h>
 #include <openssl/x509.h>
@@ -290,7 +292,11 @@ static bool tls_has_input(mt_flow *f)
     mt_tls_flow *t = tls_of(f);
     if (t->end_pending)
         return true;
-    return t->ssl != NULL && !t->failed && (SSL_has_pending(t->ssl) || t->read_wants_write);
+    if (t->ssl == NULL || t->failed)
+        return false;
+    /* A start_tls() prefix OpenSSL has not read yet raises no readiness. */
+    return SSL_has_pending(t->ssl) || t->read_wants_write ||
+           (t->prefixed && BIO_ctrl_pending(SSL_get_rbio(t->ssl)) > 0);
 }
 
 /* ---- the handshake and close_notify --------------------------------------- */
@@ -471,17 +477,118 @@ static void on_message(int write_p, int version, int content_type, const void *b
         ((mt_tls_flow *)arg)->close_notify_seen = true;
 }
 
-mt_tls_flow *mt_tls_flow_new(SSL *ssl, const struct mt_loop_ops *loop_ops, mt_sink *sink,
+/* ---- start_tls(): the bytes read before the upgrade ------------------------ */
+
+/* A connection that start_tls() upgrades may have read the peer's first
+ * TLS bytes as plain data (the plain flow's reads after the protocol
+ * paused).  They are the start of the TLS stream: the SSL reads them
+ * first, then the socket, through this BIO, which serves its prefix and
+ * then reads the fd as OpenSSL's socket BIO would (writes keep going
+ * through the socket BIO). */
+typedef struct prefix_source {
+    int fd;
+    bool eof;                           /* read() returned 0 */
+    size_t off, len;
+    unsigned char data[];
+} prefix_source;
+
+static int prefix_read(BIO *b, char *out, int outl)
+{
+    prefix_source *p = BIO_get_data(b);
+    BIO_clear_retry_flags(b);
+    if (outl <= 0)
+        return 0;
+    if (p->off < p->len) {
+        size_t n = p->len - p->off < (size_t)outl ? p->len - p->off : (size_t)outl;
+        memcpy(out, p->data + p->off, n);
+        p->off += n;
+        return (int)n;
+    }
+    ssize_t n = read(p->fd, out, (size_t)outl);
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
+        BIO_set_retry_read(b);
+    else if (n == 0)
+        p->eof = true;
+    return (int)n;
+}
+
+static long prefix_ctrl(BIO *b, int cmd, long num, void *ptr)
+{
+    (void)num;
+    (void)ptr;
+    prefix_source *p = BIO_get_data(b);
+    switch (cmd) {
+    case BIO_CTRL_PENDING:
+        return (long)(p->len - p->off);
+    case BIO_CTRL_EOF: /* OpenSSL 3 asks, to tell an unexpected EOF */
+        return p->eof;
+    case BIO_CTRL_FLUSH:
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+static int prefix_destroy(BIO *b)
+{
+    free(BIO_get_data(b));
+    BIO_set_data(b, NULL);
+    return 1;
+}
+
+static BIO_METHOD *prefix_method;
+static pthread_once_t prefix_method_once = PTHREAD_ONCE_INIT;
+
+static void make_prefix_method(void) /* kept for the life of the process */
+{
+    BIO_METHOD *m = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK, "mtloop prefix");
+    if (m != NULL && BIO_meth_set_read(m, prefix_read) && BIO_meth_set_ctrl(m, prefix_ctrl) &&
+        BIO_meth_set_destroy(m, prefix_destroy))
+        prefix_method = m;
+    else if (m != NULL)
+        BIO_meth_free(m);
+}
+
+/* The BIO that serves `len` bytes of `data`, then reads `fd`. */
+static BIO *prefix_new(const void *data, size_t len, int fd)
+{
+    pthread_once(&prefix_method_once, make_prefix_method);
+    prefix_source *p = malloc(sizeof(*p) + len);
+    BIO *b = prefix_method != NULL && p != NULL ? BIO_new(prefix_method) : NULL;
+    if (b == NULL) {
+        free(p);
+        return NULL;
+    }
+    p->fd = fd;
+    p->eof = false;
+    p->off = 0;
+    p->len = len;
+    memcpy(p->data, data, len);
+    BIO_set_data(b, p);
+    BIO_set_init(b, 1);
+    return b;
+}
+
+mt_tls_flow *mt_tls_flow_new(SSL *ssl, const void *prefix, size_t prefix_len,
+                             const struct mt_loop_ops *loop_ops, mt_sink *sink,
                              mt_io_thread *io, int fd)
 {
-    if (!SSL_set_fd(ssl, fd)) {
+    BIO *source = prefix_len > 0 ? prefix_new(prefix, prefix_len, fd) : NULL;
+    if ((prefix_len > 0 && source == NULL) || !SSL_set_fd(ssl, fd)) {
+        BIO_free(source);
         errno = ENOMEM;
         return NULL;
     }
     mt_tls_flow *t = (mt_tls_flow *)mt_flow_new(&mt_tls_fd_ops, loop_ops, sink, io, fd);
-    if (t == NULL)
+    if (t == NULL) {
+        BIO_free(source);
         return NULL;
+    }
     t->ssl = ssl;
+    if (source != NULL) {
+        SSL_set0_rbio(ssl, source); /* the socket BIO stays the wbio */
+        t->prefixed = true;
+    }
     /* Read ahead: one read() takes every record the kernel has (without
      * it, OpenSSL reads each record's header and body apart: two system
      * calls a record).  What it reads beyond one record waits inside

@@ -212,18 +212,25 @@ H_FN void h_open_ops(harness *h, const mt_fd_ops *ops, int fd, int peer)
     h_signal(h, MT_FLOW_ATTACH);
 }
 
-/* A TLS flow around fd with `ssl` (which it takes), its peer speaking TLS
- * through `peer_ssl` (freed by h_finish) in records of 16 KiB. */
-H_FN void h_open_tls(harness *h, int fd, int peer, SSL *ssl, SSL *peer_ssl)
+/* A TLS flow around fd with `ssl` (which it takes), reading `prefix`
+ * first (mt_tls_flow_new), its peer speaking TLS through `peer_ssl` (freed
+ * by h_finish) in records of 16 KiB. */
+H_FN void h_open_tls_prefixed(harness *h, int fd, int peer, SSL *ssl, SSL *peer_ssl,
+                              const void *prefix, size_t prefix_len)
 {
     h_init(h, fd, peer, 16 * 1024);
-    mt_tls_flow *t = mt_tls_flow_new(ssl, NULL, h->sink, g_io, fd);
+    mt_tls_flow *t = mt_tls_flow_new(ssl, prefix, prefix_len, NULL, h->sink, g_io, fd);
     assert_non_null(t);
     h->f = &t->flow;
     h->peer_ssl = peer_ssl;
     SSL_set_mode(peer_ssl, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
     assert_int_equal(SSL_set_fd(peer_ssl, peer), 1);
     h_signal(h, MT_FLOW_ATTACH);
+}
+
+H_FN void h_open_tls(harness *h, int fd, int peer, SSL *ssl, SSL *peer_ssl)
+{
+    h_open_tls_prefixed(h, fd, peer, ssl, peer_ssl, NULL, 0);
 }
 
 H_FN void h_open_fds(harness *h, int fd, int peer)

@@ -4,8 +4,11 @@
  * both ways across many records, input OpenSSL holds when read credit runs
  * out, a KeyUpdate mid-stream, a TLS 1.2 renegotiation between bursts,
  * close_notify as the filter's closing, a
- * handshake that fails, and an abort mid-handshake.  The certificate is made here, in memory. */
+ * handshake that fails, an abort mid-handshake, and a start_tls() prefix
+ * (TLS bytes read as plain data before the upgrade).  The certificate is made here, in memory. */
 #include "flow_harness.h"
+
+#include <sys/ioctl.h>
 
 #include <openssl/err.h>
 #include <openssl/evp.h>
@@ -292,6 +295,40 @@ static void tls_abort_mid_handshake(void **state)
     h_finish(h);
 }
 
+/* start_tls(): the plain flow had read the start of the peer's
+ * ClientHello before the upgrade.  The TLS flow reads those bytes first,
+ * then the rest from the socket: the handshake completes and data flows
+ * both ways, intact. */
+static void tls_prefix_read_before_the_socket(void **state)
+{
+    (void)state;
+    harness *h = &g_h;
+    int sv[2];
+    assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+    SSL *peer = client_ssl();
+    assert_int_equal(fcntl(sv[1], F_SETFL, O_NONBLOCK), 0);
+    assert_int_equal(SSL_set_fd(peer, sv[1]), 1);
+    assert_int_equal(SSL_get_error(peer, SSL_do_handshake(peer)), SSL_ERROR_WANT_READ);
+    unsigned char prefix[100];
+    assert_int_equal(recv(sv[0], prefix, sizeof(prefix), 0), (ssize_t)sizeof(prefix));
+    int left = 0;
+    assert_int_equal(ioctl(sv[0], FIONREAD, &left), 0);
+    assert_true(left > 0); /* the hello's rest waits in the kernel */
+
+    h_open_tls_prefixed(h, sv[0], sv[1], server_ssl(), peer, prefix, sizeof(prefix));
+    assert_true(tls(h)->prefixed);
+    h_reading(h, true);
+    h->peer_reading = true;
+    assert_true(h_run(h, opened, WAIT_MS));
+    assert_int_equal(h->opened_err, 0);
+    h_set_in(h, 512 * 1024 + 3, 41);
+    h_write_many(h, 512 * 1024 + 5, 16 * 1024, 42);
+    assert_true(h_run(h, rx_all, WAIT_MS));
+    assert_true(h_run(h, peer_rx_all, WAIT_MS));
+    assert_intact(h);
+    h_finish(h);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -303,6 +340,7 @@ int main(void)
         cmocka_unit_test_teardown(tls12_renegotiation_between_bursts, h_teardown),
         cmocka_unit_test_teardown(tls_handshake_failure, h_teardown),
         cmocka_unit_test_teardown(tls_abort_mid_handshake, h_teardown),
+        cmocka_unit_test_teardown(tls_prefix_read_before_the_socket, h_teardown),
     };
     return flow_check_threads(cmocka_run_group_tests(tests, setup, teardown));
 }
