@@ -57,6 +57,22 @@ def runs_of(results, scenarios):
     return runs
 
 
+def test_bench_patterns_smoke(tmp_path):
+    """--pattern both runs an echo scenario with each of the load generator's
+    traffic patterns, every echoed byte right; --fixed-heap and --warmup (the
+    earlier defaults) still run, and the JSON says how it was measured."""
+    out = tmp_path / "results.json"
+    results = run_short(tmp_path, "-k", "protocol 1KiB x32", "--pattern", "both")
+    runs = runs_of(results, ["protocol 1KiB x32", "protocol 1KiB x32 [level]"])
+    assert all(r["errors"] == 0 and r["requests"] > 0 for r in runs)
+    assert {r["pattern"] for r in runs} == {"edge", "level"}
+    machine = json.loads(out.read_text())["machine"]
+    assert (machine["warmup"], machine["malloc_trim_threshold"]) == (False, "default")
+    run_short(tmp_path, "-k", "protocol 1KiB x32", "--fixed-heap", "--warmup")
+    machine = json.loads(out.read_text())["machine"]
+    assert machine["warmup"] and machine["malloc_trim_threshold"] != "default"
+
+
 def test_bench_tls_smoke(tmp_path):
     """The TLS scenarios run: servers with a certificate made for the run, the
     load generator speaking TLS, every echoed byte right."""

@@ -196,7 +196,7 @@ def check_ok(proc, res, connections, size, pipeline):
 
 EXPECTED_KEYS = {"requests", "seconds", "rps", "mib_s", "errors", "connections", "size",
                  "pipeline", "p50_us", "p90_us", "p99_us", "p999_us", "max_us", "mean_us",
-                 "tls", "reconnects", "udp", "lost", "late", "flood"}
+                 "tls", "reconnects", "udp", "lost", "late", "flood", "pattern", "max_read"}
 
 
 # --------------------------------------------------------------------------
@@ -241,6 +241,36 @@ def test_tiny_messages_deep_pipeline(loadgen, tcp_server):
     port = tcp_server()
     proc, res = run_json(loadgen, "--port", port, "-c", 2, "-s", 3, "-p", 64, "-d", 0.3)
     check_ok(proc, res, 2, 3, 64)
+
+
+@pytest.mark.parametrize("size,pipeline", [(300 * 1024, 2), (3, 64)])
+def test_level_pattern(loadgen, tcp_server, size, pipeline):
+    """--pattern level: every byte checked as ever, and no read returns more
+    than 64 KiB (the edge pattern's reads take up to 256 KiB at once)."""
+    port = tcp_server()
+    proc, res = run_json(loadgen, "--port", port, "-c", 3, "-s", size, "-p", pipeline,
+                         "-n", 60, "--pattern", "level")
+    check_ok(proc, res, 3, size, pipeline)
+    assert res["requests"] == 60 and res["pattern"] == "level"
+    assert 0 < res["max_read"] <= 64 * 1024
+
+
+def test_level_pattern_unix_and_corruption(loadgen, unix_server, tcp_server):
+    proc, res = run_json(loadgen, "--unix", unix_server, "-c", 2, "-s", 200_000, "-p", 3,
+                         "-n", 30, "--pattern", "level")
+    check_ok(proc, res, 2, 200_000, 3)
+
+    def flip(data, offset):
+        i = 5000 - offset
+        if 0 <= i < len(data):
+            data = data[:i] + bytes([data[i] ^ 1]) + data[i + 1:]
+        return data
+
+    port = tcp_server(transform=flip)
+    proc, res = run_json(loadgen, "--port", port, "-c", 2, "-s", 1024, "-d", 2,
+                         "--pattern", "level")
+    assert proc.returncode == 1 and res["errors"] == 2 and res["requests"] == 2 * 4
+    assert "mismatch" in proc.stderr
 
 
 def test_unix_socket(loadgen, unix_server):
@@ -485,6 +515,9 @@ def test_udp_flood_sends_without_waiting(loadgen):
     ["--port", "1", "--udp", "-s", "65508"],
     ["--port", "1", "--udp", "-p", "2"],
     ["--port", "1", "--udp-timeout", "0"],
+    ["--port", "1", "--pattern", "ripple"],
+    ["--port", "1", "--pattern", "level", "--tls"],
+    ["--port", "1", "--pattern", "level", "--udp"],
 ], ids=lambda a: " ".join(a) or "no-args")
 def test_bad_usage(loadgen, args):
     proc = run_loadgen(loadgen, *args)

@@ -19,14 +19,22 @@ I/O threads) from /proc/PID/task, and its peak RSS.  It writes JSON
 (--json, default build/bench/results.json) and, when matplotlib is
 importable, a PNG chart next to it.  Progress goes to stderr.
 
-Every server runs with glibc's heap thresholds fixed, whatever its loop
-(MALLOC_TRIM_THRESHOLD_=64 MiB, MALLOC_MMAP_THRESHOLD_=4 MiB).  With the
-defaults, which glibc moves as a process frees large blocks, a server that
-allocates 64 KiB buffers per request landed, run by run, in one of two
-modes twice apart (17-30 page faults per request in the slow one), for
-asyncio and uvloop as much as for mtloop; and asyncio's 256 KiB recv()
-buffers were mmap()ed afresh per read until its first connection closed.
---malloc-default leaves glibc's defaults.
+Servers are measured as users run them: glibc's default heap settings,
+and no warm-up run (issue #13).  --fixed-heap gives every server the same
+fixed heap thresholds instead (MALLOC_TRIM_THRESHOLD_=64 MiB,
+MALLOC_MMAP_THRESHOLD_=4 MiB): with the defaults, which glibc moves as a
+process frees large blocks, a server that allocates 64 KiB buffers per
+request landed, run by run, in one of two modes twice apart (17-30 page
+faults per request in the slow one), for asyncio and uvloop as much as for
+mtloop, and asyncio's 256 KiB recv() buffers were mmap()ed afresh per read
+until its first connection closed.  --warmup drives each server once,
+unmeasured, before its measured run.  Report both where they differ.
+
+--pattern level drives the echo scenarios with the load generator's
+level-triggered pattern (one send() and one recv() of at most 64 KiB per
+readiness, as a client on an event loop of its own does) instead of its
+default edge-triggered one; --pattern both runs each echo scenario both
+ways, the level runs named "... [level]".
 
 TLS scenarios (--tls) give every server the same certificate, made for the
 run by trustme, and the load generator speaks TLS without verifying it and
@@ -114,6 +122,7 @@ class Scenario:
     proc: bool = False          # a subprocess workload run by the server (mode pipe, spawn)
     udp: bool = False           # datagrams (mode udp, the load generator's --udp)
     flood: bool = False         # one way: --udp-flood into mode udp-sink
+    pattern: str = "edge"       # the load generator's --pattern (stream echoes)
 
 
 QUICK = [
@@ -453,6 +462,8 @@ def loadgen(binary: Path, port: int, sc: Scenario, seconds: float,
             cmd.append("--reconnect")
         if sc.udp:
             cmd.append("--udp-flood" if sc.flood else "--udp")
+        if sc.pattern != "edge":
+            cmd += ["--pattern", sc.pattern]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True))
     reports = []
@@ -472,12 +483,16 @@ def loadgen(binary: Path, port: int, sc: Scenario, seconds: float,
     return merged
 
 
+WARMUP = False  # --warmup
+
+
 def measure(server: Server, drive: Any, seconds: float) -> dict:
-    """drive(seconds) once to warm the server up, then once measured: its
+    """drive(seconds) once measured (after a warm-up run with --warmup): its
     report plus the server's CPU per request (loop thread, other threads)
     and peak RSS.  Stops the server."""
     try:
-        drive(min(0.3, seconds / 3))
+        if WARMUP:
+            drive(min(0.3, seconds / 3))
         m0, o0 = server.cpu()
         t0 = time.monotonic()
         r = drive(seconds)
@@ -518,6 +533,26 @@ def run_flood(binary: Path, loop: str, sc: Scenario, seconds: float,
 
 
 WRK_UNITS = {"us": 1.0, "ms": 1e3, "s": 1e6}
+
+
+def is_stream_echo(sc: Scenario) -> bool:
+    """A scenario the load generator drives over TCP without TLS: one whose
+    traffic pattern --pattern chooses."""
+    return not (sc.idle or sc.proc or sc.http or sc.udp or sc.tls)
+
+
+def with_pattern(scenarios: list[Scenario], pattern: str) -> list[Scenario]:
+    """The scenarios under --pattern: "edge" as they are, "level" with the
+    stream echoes level-triggered, "both" with each stream echo twice."""
+    if pattern == "edge":
+        return scenarios
+    out = []
+    for sc in scenarios:
+        if pattern == "both" or not is_stream_echo(sc):
+            out.append(sc)
+        if is_stream_echo(sc):
+            out.append(dataclasses.replace(sc, name=f"{sc.name} [level]", pattern="level"))
+    return out
 
 
 def wrk(port: int, sc: Scenario, seconds: float, cpu: int | None) -> dict:
@@ -783,7 +818,8 @@ def main() -> int:
     parser.add_argument("--loops", default="asyncio,uvloop,rloop,mtloop")
     parser.add_argument("--repeat", type=int, default=None, help="runs per loop (default 5)")
     parser.add_argument("--seconds", type=float, default=None, help="seconds per run")
-    parser.add_argument("-k", dest="pattern", default=None, help="only scenarios containing this")
+    parser.add_argument("-k", dest="pattern_filter", default=None,
+                        help="only scenarios containing this")
     parser.add_argument("--json", type=Path, default=ROOT / "build" / "bench" / "results.json")
     parser.add_argument("--clients", type=int, default=1,
                         help="load generators, pinned to the last CPUs (default 1)")
@@ -795,8 +831,13 @@ def main() -> int:
                         help="also print the results as the README's markdown table")
     parser.add_argument("--report", type=Path, default=None,
                         help="print the report of an earlier run's JSON and exit")
-    parser.add_argument("--malloc-default", action="store_true",
-                        help="leave glibc's heap trimming at its default (see above)")
+    parser.add_argument("--fixed-heap", action="store_true",
+                        help="fix glibc's heap thresholds for every server (see above)")
+    parser.add_argument("--warmup", action="store_true",
+                        help="drive each server once, unmeasured, before its measured run")
+    parser.add_argument("--pattern", choices=("edge", "level", "both"), default="edge",
+                        help="the load generator's traffic pattern for stream echoes "
+                             "(default edge; both: each echo scenario both ways)")
     parser.add_argument("--baseline", metavar="REF", default=None,
                         help="also run mtloop as of git revision REF (built once into "
                              "build/bench-baseline/), interleaved, as mtloop@<sha>")
@@ -817,16 +858,19 @@ def main() -> int:
         return 0
     if args.scaling and args.loops == parser.get_default("loops"):
         args.loops = "asyncio,uvloop,mtloop:1,mtloop:2,mtloop:4,mtloop:8"
-    if not args.malloc_default:
+    if args.fixed_heap:
         Server.env = {"MALLOC_TRIM_THRESHOLD_": str(64 * 1024 * 1024),
                       "MALLOC_MMAP_THRESHOLD_": str(4 * 1024 * 1024)}
+    global WARMUP
+    WARMUP = args.warmup
     if args.server_cpus:
         Server.cpus = parse_cpus(args.server_cpus)
     scenarios = (FULL if args.full else SMOKE if args.smoke else
                  SCALING if args.scaling else TARGETS if args.targets else
                  TLS if args.tls else PROCS if args.procs else UDP if args.udp else QUICK)
-    if args.pattern:
-        scenarios = [s for s in scenarios if args.pattern in s.name]
+    if args.pattern_filter:
+        scenarios = [s for s in scenarios if args.pattern_filter in s.name]
+    scenarios = with_pattern(scenarios, args.pattern)
     if any(sc.http for sc in scenarios) and shutil.which("wrk") is None:
         log("bench: wrk is not on PATH; the HTTPS scenario is left out")
         scenarios = [s for s in scenarios if not s.http]
@@ -884,7 +928,8 @@ def main() -> int:
 
     machine = {"cpus": ncpu, "platform": platform.platform(), "python": sys.version.split()[0],
                "client_cpus": client_cpus, "server_cpus": args.server_cpus,
-               "malloc_trim_threshold": Server.env.get("MALLOC_TRIM_THRESHOLD_", "default")}
+               "malloc_trim_threshold": Server.env.get("MALLOC_TRIM_THRESHOLD_", "default"),
+               "warmup": WARMUP, "pattern": args.pattern}
     text = report(results, loops)
     print(f"machine: {machine['cpus']} CPUs, {machine['platform']}, Python {machine['python']}; "
           f"medians of {repeat} interleaved runs of {seconds:g} s")

@@ -5,6 +5,7 @@
  *                  [-c CONNS] [-s SIZE] [-d SECONDS | -n REQUESTS]
  *                  [-p DEPTH] [--warmup SECONDS] [--json] [--cpu N]
  *                  [--connect-timeout SECONDS] [--tls [--tls-reuse]] [--reconnect]
+ *                  [--pattern edge|level]
  *
  * Each connection runs a closed loop with up to DEPTH messages in flight: a
  * message is sent when one of the connection's earlier ones has been echoed
@@ -23,6 +24,17 @@
  *
  * Connections are opened in parallel; the clock starts when every connection
  * is open (or has failed).
+ *
+ * --pattern says how a connection meets its socket.  "edge" (the default):
+ * edge-triggered epoll; on each event it sends all it may (up to 256 KiB a
+ * send()) until the socket is full, and reads until it is drained, in
+ * recv() calls of up to 256 KiB.  "level" is how a client on an event loop
+ * of its own tends to behave: level-triggered epoll, writability watched
+ * only while output is pending; on each event one send() of what is
+ * pending, taken as far as the socket accepts it, and one recv() of at most
+ * 64 KiB.  A large echo then arrives in more, smaller reads, interleaved
+ * with the sends of other connections, and the server meets a different
+ * rhythm of segments and wakeups.
  *
  * --tls speaks TLS (OpenSSL, no certificate verification: the server is the
  * one under test); a connection counts as open once its handshake is done.
@@ -80,6 +92,7 @@
 #define NS_PER_SEC 1000000000ULL
 #define SEND_CHUNK (256 * 1024)
 #define RECV_CHUNK (256 * 1024)
+#define LEVEL_RECV_CHUNK (64 * 1024)  /* --pattern level */
 #define MAX_EVENTS 256
 #define MAX_REPORTED_ERRORS 10
 #define NEVER UINT64_MAX
@@ -223,6 +236,7 @@ struct conn {
     SSL *ssl;                   /* --tls */
     size_t tls_retry;           /* an SSL_write to repeat with this length */
     bool restarting;            /* --reconnect: connecting again, not counted */
+    uint32_t interest;          /* the epoll mask registered (--pattern level) */
 };
 
 struct options {
@@ -241,6 +255,7 @@ struct options {
     bool tls, tls_reuse, reconnect;
     bool udp;
     bool udp_flood;             /* send without waiting for echoes */
+    bool level;                 /* --pattern level */
     double udp_timeout;         /* seconds */
 };
 
@@ -283,6 +298,7 @@ static struct {
     SSL_SESSION *session;       /* --tls-reuse: the session to resume */
     uint64_t reconnects;
     uint64_t lost, late;        /* --udp */
+    uint64_t max_read;          /* the most bytes one stream read returned */
 } g;
 
 static volatile sig_atomic_t interrupted;
@@ -318,6 +334,9 @@ static void usage(FILE *f)
         "      --tls               speak TLS (no certificate verification)\n"
         "      --tls-reuse         resume TLS sessions (with --reconnect)\n"
         "      --reconnect         one request per connection, then connect again\n"
+        "      --pattern P         edge (default): edge-triggered, send until full, read\n"
+        "                          until drained, 256 KiB a call; level: level-triggered,\n"
+        "                          one send() and one recv() of <= 64 KiB per event\n"
         "      --udp               UDP: a connected socket per connection, one datagram in\n"
         "                          flight each (-s 8..65507)\n"
         "      --udp-timeout SECONDS  a datagram not echoed by then is lost (default 0.1)\n"
@@ -368,6 +387,7 @@ static double parse_seconds(const char *name, const char *s, bool allow_zero)
 enum {
     OPT_HOST = 256, OPT_PORT, OPT_UNIX, OPT_WARMUP, OPT_JSON, OPT_CPU,
     OPT_CONNECT_TIMEOUT, OPT_TLS, OPT_TLS_REUSE, OPT_RECONNECT, OPT_UDP, OPT_UDP_TIMEOUT, OPT_UDP_FLOOD,
+    OPT_PATTERN,
 };
 
 static void parse_args(int argc, char **argv)
@@ -391,6 +411,7 @@ static void parse_args(int argc, char **argv)
         {"udp", no_argument, NULL, OPT_UDP},
         {"udp-timeout", required_argument, NULL, OPT_UDP_TIMEOUT},
         {"udp-flood", no_argument, NULL, OPT_UDP_FLOOD},
+        {"pattern", required_argument, NULL, OPT_PATTERN},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
@@ -421,6 +442,11 @@ static void parse_args(int argc, char **argv)
         case OPT_UDP: opt.udp = true; break;
         case OPT_UDP_FLOOD: opt.udp = opt.udp_flood = true; break;
         case OPT_UDP_TIMEOUT: opt.udp_timeout = parse_seconds("--udp-timeout", optarg, false); break;
+        case OPT_PATTERN:
+            if (strcmp(optarg, "edge") != 0 && strcmp(optarg, "level") != 0)
+                bad_usage("--pattern: 'edge' or 'level', not '%s'", optarg);
+            opt.level = strcmp(optarg, "level") == 0;
+            break;
         case 'h': usage(stdout); exit(0);
         default: fprintf(stderr, "Try '" PROG " --help'.\n"); exit(2);
         }
@@ -447,6 +473,8 @@ static void parse_args(int argc, char **argv)
         bad_usage("--reconnect sends one message per connection: no --pipeline");
     if (opt.udp && (opt.tls || opt.reconnect || opt.pipeline != 1 || opt.unix_path))
         bad_usage("--udp excludes --tls, --reconnect, --pipeline and --unix");
+    if (opt.level && (opt.udp || opt.tls))
+        bad_usage("--pattern level is for plain stream connections: no --udp or --tls");
     if (opt.udp && (opt.size < 8 || opt.size > 65507))
         bad_usage("--udp: --size must be 8..65507");
 }
@@ -491,9 +519,12 @@ static void conn_fail(struct conn *c, const char *fmt, ...)
     conn_close(c);
 }
 
+static void conn_watch_output(struct conn *c, bool want);
+
 static void conn_opened(struct conn *c)
 {
     c->state = C_OPEN;
+    conn_watch_output(c, false); /* --pattern level: until there is output */
     if (c->restarting) {
         c->restarting = false; /* counted as alive throughout */
         return;
@@ -625,9 +656,10 @@ static void conn_try_connect(struct conn *c)
         return;
     }
     struct epoll_event ev = {
-        .events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET,
+        .events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | (opt.level ? 0 : EPOLLET),
         .data.ptr = c,
     };
+    c->interest = ev.events;
     if (epoll_ctl(g.epfd, EPOLL_CTL_ADD, c->fd, &ev) < 0) {
         conn_fail(c, "epoll_ctl: %s", strerror(errno));
         return;
@@ -669,8 +701,24 @@ static uint64_t recv_pos(const struct conn *c)
     return c->rseq * opt.size + c->roff;
 }
 
+/* --pattern level: writability is watched only while output is pending
+ * (level-triggered, it would wake every round otherwise). */
+static void conn_watch_output(struct conn *c, bool want)
+{
+    uint32_t mask = EPOLLIN | EPOLLRDHUP | (want ? EPOLLOUT : 0);
+    if (!opt.level || c->state == C_CLOSED || mask == c->interest)
+        return;
+    struct epoll_event ev = {.events = mask, .data.ptr = c};
+    if (epoll_ctl(g.epfd, EPOLL_CTL_MOD, c->fd, &ev) < 0) {
+        conn_fail(c, "epoll_ctl: %s", strerror(errno));
+        return;
+    }
+    c->interest = mask;
+}
+
 /* Send what the closed loop allows, until it is all sent or the socket is
- * full (edge-triggered EPOLLOUT then brings us back). */
+ * full (edge-triggered EPOLLOUT then brings us back); --pattern level: one
+ * send() a call, and writability watched while output is left. */
 static void conn_write(struct conn *c)
 {
     const uint64_t size = opt.size, depth = opt.pipeline;
@@ -681,8 +729,10 @@ static void conn_write(struct conn *c)
             g.inflight++;
         }
         uint64_t pending = (c->nissued - c->wseq) * size - c->woff;
-        if (pending == 0)
+        if (pending == 0) {
+            conn_watch_output(c, false);
             return;
+        }
         size_t fill = pending < SEND_CHUNK ? (size_t)pending : SEND_CHUNK;
 
         uint64_t seq = c->wseq;
@@ -705,8 +755,10 @@ static void conn_write(struct conn *c)
         if (n < 0) {
             if (errno == EINTR)
                 continue;
-            if (errno == EAGAIN || errno == EWOULDBLOCK)
+            if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                conn_watch_output(c, true);
                 return;
+            }
             conn_fail(c, "send: %s", strerror(errno));
             return;
         }
@@ -723,6 +775,10 @@ static void conn_write(struct conn *c)
                 c->wseq++;
                 c->woff = 0;
             }
+        }
+        if (opt.level) {
+            conn_watch_output(c, (size_t)n < pending);
+            return;
         }
         if ((size_t)n < fill)
             return;             /* the socket buffer is full */
@@ -752,8 +808,9 @@ static void complete(struct conn *c, uint64_t t)
 static void conn_read(struct conn *c, uint32_t events)
 {
     const uint64_t size = opt.size;
+    const size_t chunk = opt.level ? LEVEL_RECV_CHUNK : RECV_CHUNK;
     while (c->state == C_OPEN) {
-        ssize_t n = conn_recv(c, g.rbuf, RECV_CHUNK);
+        ssize_t n = conn_recv(c, g.rbuf, chunk);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
@@ -769,6 +826,8 @@ static void conn_read(struct conn *c, uint32_t events)
             return;
         }
         uint64_t t = now_ns();
+        if ((uint64_t)n > g.max_read)
+            g.max_read = (uint64_t)n;
         if (recv_pos(c) + (uint64_t)n > send_pos(c)) {
             conn_fail(c, "received %llu bytes more than were sent",
                       (unsigned long long)(recv_pos(c) + (uint64_t)n - send_pos(c)));
@@ -801,6 +860,8 @@ static void conn_read(struct conn *c, uint32_t events)
         /* A short read drained the socket: data arriving later raises a new
          * edge.  Not so for a FIN that came before the read (the mask then
          * says EPOLLRDHUP): read on to see the EOF. */
+        if (opt.level)
+            return;             /* one recv() per event: the rest raises another */
         if ((size_t)n < RECV_CHUNK && !(events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)))
             return;
     }
@@ -1110,14 +1171,16 @@ static void report(void)
                "\"errors\": %llu, \"connections\": %llu, \"size\": %llu, \"pipeline\": %llu, "
                "\"p50_us\": %.3f, \"p90_us\": %.3f, \"p99_us\": %.3f, \"p999_us\": %.3f, "
                "\"max_us\": %.3f, \"mean_us\": %.3f, \"tls\": %s, \"reconnects\": %llu, "
-               "\"udp\": %s, \"lost\": %llu, \"late\": %llu, \"flood\": %s}\n",
+               "\"udp\": %s, \"lost\": %llu, \"late\": %llu, \"flood\": %s, "
+               "\"pattern\": \"%s\", \"max_read\": %llu}\n",
                (unsigned long long)g.requests, seconds, rps, mib_s,
                (unsigned long long)g.errors, (unsigned long long)g.connected,
                (unsigned long long)opt.size, (unsigned long long)opt.pipeline,
                p50, p90, p99, p999, max, mean, opt.tls ? "true" : "false",
                (unsigned long long)g.reconnects, opt.udp ? "true" : "false",
                (unsigned long long)g.lost, (unsigned long long)g.late,
-               opt.udp_flood ? "true" : "false");
+               opt.udp_flood ? "true" : "false", opt.level ? "level" : "edge",
+               (unsigned long long)g.max_read);
         return;
     }
     if (opt.unix_path)
