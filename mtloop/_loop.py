@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import weakref
 from asyncio import base_events, format_helpers
 from asyncio.log import logger
@@ -20,6 +21,16 @@ from ._unix import UnixSocketMethods
 __all__ = ["Loop"]
 
 
+def _spin_from_environment() -> float:
+    """$MTLOOP_SPIN_US: the default spin_us (a value that is not a number
+    from 0 to 1,000,000 is ignored, as $MTLOOP_IO_THREADS's are)."""
+    try:
+        value = float(os.environ.get("MTLOOP_SPIN_US", "0"))
+    except ValueError:
+        return 0.0
+    return value if 0.0 <= value <= 1e6 else 0.0
+
+
 class Loop(_mtloop.LoopCore, SignalMethods, SocketMethods, StreamMethods, UnixSocketMethods,
            PipeMethods, SubprocessMethods, DatagramMethods, asyncio.BaseEventLoop):
     """An asyncio event loop whose run loop, handles, timers and fd watchers
@@ -31,10 +42,21 @@ class Loop(_mtloop.LoopCore, SignalMethods, SocketMethods, StreamMethods, UnixSo
     (run_until_complete, tasks, exception handling, executors, address
     resolution)."""
 
-    def __init__(self, *, io_threads: int | None = None, native_tls: bool = True) -> None:
+    def __init__(self, *, io_threads: int | None = None, native_tls: bool = True,
+                 spin_us: float | None = None) -> None:
         # Whether TLS may run on the I/O threads (mtloop._tls); False takes
         # asyncio's SSL protocol for every connection of this loop.
         self._mt_native_tls = bool(native_tls)
+        if spin_us is None:
+            spin_us = _spin_from_environment()
+        elif not isinstance(spin_us, (int, float)) or isinstance(spin_us, bool):
+            self._closed = True  # half-made: BaseEventLoop.__del__ finds nothing to close
+            raise TypeError(f"spin_us must be a number or None, not {type(spin_us).__name__}")
+        try:
+            self._mt_set_spin(float(spin_us))
+        except BaseException:
+            self._closed = True
+            raise
         if io_threads is not None:
             try:
                 if not isinstance(io_threads, int) or isinstance(io_threads, bool):

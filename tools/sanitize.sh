@@ -37,4 +37,4 @@ export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
 export TSAN_OPTIONS="halt_on_error=1:exitcode=66:second_deadlock_stack=1:die_after_fork=0"
 mt_log "pytest (mtloop tests) under $kind sanitizer"
 LD_PRELOAD="$preload" "$venv/bin/pytest" -p no:cacheprovider -q \
-  -k "mtloop or test_runtime or test_multiloop or test_tls_native" --deselect tests/test_cpython_suites.py "$@"
+  -k "mtloop or test_runtime or test_multiloop or test_tls_native or test_spin" --deselect tests/test_cpython_suites.py "$@"

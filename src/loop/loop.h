@@ -76,6 +76,13 @@ struct mt_loop {
     bool core_closed;              /* C resources released */
     double slow_callback_duration;
     double clock_resolution;
+
+    /* The opt-in spin before a wait (loop_run_once), loop thread only. */
+    int64_t spin_ns;               /* budget per wait; 0: never spin */
+    unsigned spin_misses;          /* spins in a row that caught nothing */
+    unsigned spin_backoff;         /* waits to skip after the next run of misses */
+    unsigned spin_skip;            /* waits left to skip */
+    uint64_t spins, spins_caught, spins_skipped; /* counts, for the tests */
     PyObject *current_handle;
 };
 
