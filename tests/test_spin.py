@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -59,10 +60,33 @@ def test_spinning_loop_serves_everything():
 
     try:
         loop.run_until_complete(asyncio.wait_for(main(), 30))
-        spins, caught, skipped = loop._mt_spin_stats()
     finally:
         loop.close()
-    assert spins > 0 and 0 < caught <= spins
+
+
+def test_spin_catches_work_from_another_thread():
+    """A thread hands the loop 300 callbacks, 0.2 ms apart: the loop, waiting
+    with nothing else to do, spins (up to 2 ms) and catches them."""
+    loop = mtloop.new_event_loop(spin_us=2000)
+    done = loop.create_future()
+    got = []
+
+    def producer():
+        for i in range(300):
+            time.sleep(0.0002)
+            loop.call_soon_threadsafe(got.append, i)
+        loop.call_soon_threadsafe(done.set_result, None)
+
+    thread = threading.Thread(target=producer)
+    try:
+        thread.start()
+        loop.run_until_complete(asyncio.wait_for(done, 30))
+        spins, caught, skipped = loop._mt_spin_stats()
+    finally:
+        thread.join()
+        loop.close()
+    assert got == list(range(300))
+    assert 0 < caught <= spins
 
 
 def test_idle_loop_stops_spinning():
