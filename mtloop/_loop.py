@@ -47,14 +47,15 @@ class Loop(_mtloop.LoopCore, SignalMethods, SocketMethods, StreamMethods, UnixSo
         # Whether TLS may run on the I/O threads (mtloop._tls); False takes
         # asyncio's SSL protocol for every connection of this loop.
         self._mt_native_tls = bool(native_tls)
-        if spin_us is None:
-            spin_us = _spin_from_environment()
-        elif not isinstance(spin_us, (int, float)) or isinstance(spin_us, bool):
-            self._closed = True  # half-made: BaseEventLoop.__del__ finds nothing to close
-            raise TypeError(f"spin_us must be a number or None, not {type(spin_us).__name__}")
         try:
+            if spin_us is None:
+                spin_us = _spin_from_environment()
+            elif not isinstance(spin_us, (int, float)) or isinstance(spin_us, bool):
+                raise TypeError("spin_us must be a number or None, not "
+                                f"{type(spin_us).__name__}")
             self._mt_set_spin(float(spin_us))
         except BaseException:
+            # Half-made: BaseEventLoop.__del__ must find nothing to close.
             self._closed = True
             raise
         if io_threads is not None:

@@ -176,6 +176,8 @@ class CoreTransport(transports._FlowControlMixin, transports.Transport):
             self._mt_let_go()
 
     def _mt_let_go(self) -> None:
+        """Lets go of the connection for good, with no word to the
+        protocol (that is _call_connection_lost's, or nobody's)."""
         self._mt_lost()
         self._core.set_protocol(None)
         self._core.release()

@@ -681,8 +681,9 @@ static inline void cpu_relax(void)
  * I/O thread hands work over without an eventfd write, and the CPU does
  * not go idle: on a VM a halted vCPU takes 25-40 us to wake (DESIGN.md),
  * which is most of a ping-pong's round trip.  The cost is the CPU the spin
- * burns, hence opt-in and the back-off.  True when work came. */
-static bool spin_for_work(mt_loop *self, double timeout)
+ * burns, hence opt-in and the back-off.  True when work came; otherwise
+ * `*timeout` (>0) loses the time spun, so a timer is not made late. */
+static bool spin_for_work(mt_loop *self, double *timeout)
 {
     if (self->spin_ns <= 0)
         return false;
@@ -700,12 +701,13 @@ static bool spin_for_work(mt_loop *self, double timeout)
             return false;
     }
     int64_t budget = self->spin_ns;
-    if (timeout > 0.0 && timeout * 1e9 < (double)budget)
-        budget = (int64_t)(timeout * 1e9);
+    if (*timeout > 0.0 && *timeout * 1e9 < (double)budget)
+        budget = (int64_t)(*timeout * 1e9);
     self->spins++;
     bool caught = false;
+    double start = mt_loop_time();
     Py_BEGIN_ALLOW_THREADS
-    double until = mt_loop_time() + (double)budget / 1e9;
+    double until = start + (double)budget / 1e9;
     for (unsigned i = 1;; i++) {
         if (!mt_mpsc_queue_is_empty(&self->sink->queue) ||
             !mt_mpsc_queue_is_empty(&self->threadsafe)) {
@@ -722,6 +724,11 @@ static bool spin_for_work(mt_loop *self, double timeout)
         self->spin_misses = 0;
         self->spin_backoff = 0;
         return true;
+    }
+    if (*timeout > 0.0) {
+        *timeout -= mt_loop_time() - start;
+        if (!(*timeout > 0.0))
+            *timeout = 0.0; /* the timer is due: poll the fds without waiting */
     }
     if (++self->spin_misses >= SPIN_MISSES_MAX) {
         self->spin_misses = 0;
@@ -784,7 +791,7 @@ static PyObject *loop_run_once(mt_loop *self, PyObject *Py_UNUSED(ignored))
                 timeout = 0.0;
         }
     }
-    if (timeout != 0.0 && spin_for_work(self, timeout))
+    if (timeout != 0.0 && spin_for_work(self, &timeout))
         timeout = 0.0;
     if (timeout != 0.0) {
         /* Announce the sleep, then look once more for work that raced it. */

@@ -678,11 +678,7 @@ static PyObject *core_hand_over(mt_stream_core *self, PyObject *Py_UNUSED(a))
         return NULL;
     }
     self->keep_held = true;
-    if (!self->reading_paused) {
-        self->reading_paused = true;
-        if (self->reading_started)
-            set_want_read(self, false);
-    }
+    set_want_read(self, false);
     begin_close(self);
     Py_RETURN_NONE;
 }
@@ -905,7 +901,9 @@ static int stream_dispatch(mt_loop *loop, mt_msg *msg)
     case MT_FLOW_DATA:
     case MT_FLOW_EOF:
     case MT_FLOW_READ_ERROR:
-        if (self->closing && !self->keep_held)
+        if (self->keep_held)
+            defer(self, msg); /* hand_over(): for take_held() */
+        else if (self->closing)
             free_msg(self, msg);
         else if (reading_held(self))
             defer(self, msg);
