@@ -31,6 +31,10 @@ def test_bench_smoke(tmp_path):
         assert all(r["errors"] == 0 and r["requests"] > 0 for r in echo[loop]["runs"])
         idle = results["idle x50"][loop]["median"]
         assert idle["rss_per_conn_kib"] >= 0 and idle["idle_cpu_pct"] >= 0
+        storm = results["storm 10KB x50"][loop]
+        assert all(r["errors"] == 0 and r["requests"] == 50 and r["storm"]
+                   for r in storm["runs"])
+        assert storm["median"]["seconds"] > 0
     # mtloop's I/O threads did the socket work: its servers have CPU outside
     # the loop thread, the stock loop's none to speak of.
     assert echo["mtloop"]["median"]["cpu_us_per_req"] > echo["mtloop"]["median"]["loop_cpu_us_per_req"]

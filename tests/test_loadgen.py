@@ -180,6 +180,17 @@ def unix_server():
             _stop(server, thread)
 
 
+def flip_at(where):
+    """A transform for EchoHandler: flips one bit of the byte at stream
+    offset `where` of every connection."""
+    def flip(data, offset):
+        i = where - offset
+        if 0 <= i < len(data):
+            data = data[:i] + bytes([data[i] ^ 1]) + data[i + 1:]
+        return data
+    return flip
+
+
 def check_ok(proc, res, connections, size, pipeline):
     assert proc.returncode == 0, (proc.stdout, proc.stderr)
     assert res["errors"] == 0, proc.stderr
@@ -196,7 +207,8 @@ def check_ok(proc, res, connections, size, pipeline):
 
 EXPECTED_KEYS = {"requests", "seconds", "rps", "mib_s", "errors", "connections", "size",
                  "pipeline", "p50_us", "p90_us", "p99_us", "p999_us", "max_us", "mean_us",
-                 "tls", "reconnects", "udp", "lost", "late", "flood", "pattern", "max_read"}
+                 "tls", "reconnects", "udp", "lost", "late", "flood", "pattern", "max_read",
+                 "storm"}
 
 
 # --------------------------------------------------------------------------
@@ -260,13 +272,7 @@ def test_level_pattern_unix_and_corruption(loadgen, unix_server, tcp_server):
                          "-n", 30, "--pattern", "level")
     check_ok(proc, res, 2, 200_000, 3)
 
-    def flip(data, offset):
-        i = 5000 - offset
-        if 0 <= i < len(data):
-            data = data[:i] + bytes([data[i] ^ 1]) + data[i + 1:]
-        return data
-
-    port = tcp_server(transform=flip)
+    port = tcp_server(transform=flip_at(5000))
     proc, res = run_json(loadgen, "--port", port, "-c", 2, "-s", 1024, "-d", 2,
                          "--pattern", "level")
     assert proc.returncode == 1 and res["errors"] == 2 and res["requests"] == 2 * 4
@@ -494,6 +500,39 @@ def test_udp_flood_sends_without_waiting(loadgen):
     assert 0 < received <= res["requests"] + 3 * 64 * 3  # sends before the measured window
 
 
+def test_storm(loadgen, tcp_server):
+    """--storm: every connection echoes its bytes in chunks of random size,
+    one in flight (the server never reads more than the largest chunk at
+    once), and the run ends when the last connection has closed."""
+    reads = []
+
+    def record(data, offset):
+        reads.append(len(data))
+        return data
+
+    port = tcp_server(transform=record)
+    proc, res = run_json(loadgen, "--port", port, "-c", 40, "-s", 30_000, "--storm",
+                         "--storm-chunk", 2000)
+    assert proc.returncode == 0, proc.stderr
+    assert res["storm"] is True and res["errors"] == 0
+    assert res["requests"] == 40 and res["connections"] == 40
+    assert 0 < res["p50_us"] <= res["p99_us"] <= res["seconds"] * 1e6
+    assert sum(reads) == 40 * 30_000
+    assert max(reads) <= 2000 and len(set(reads)) > 10
+
+
+def test_storm_failures_counted(loadgen, tcp_server):
+    port = tcp_server(transform=flip_at(7000))
+    proc, res = run_json(loadgen, "--port", port, "-c", 5, "-s", 20_000, "--storm")
+    assert proc.returncode == 1 and res["errors"] == 5 and res["requests"] == 0
+    assert "mismatch at offset 7000" in proc.stderr
+
+    port = tcp_server(close_after=9000)
+    proc, res = run_json(loadgen, "--port", port, "-c", 3, "-s", 20_000, "--storm")
+    assert proc.returncode == 1 and res["errors"] == 3 and res["requests"] == 0
+    assert "closed by the server" in proc.stderr or "reset" in proc.stderr
+
+
 @pytest.mark.parametrize("args", [
     [],                                         # no --port nor --unix
     ["--port", "0"],
@@ -518,6 +557,10 @@ def test_udp_flood_sends_without_waiting(loadgen):
     ["--port", "1", "--pattern", "ripple"],
     ["--port", "1", "--pattern", "level", "--tls"],
     ["--port", "1", "--pattern", "level", "--udp"],
+    ["--port", "1", "--storm", "--tls"],
+    ["--port", "1", "--storm", "-p", "2"],
+    ["--port", "1", "--storm", "-n", "5"],
+    ["--port", "1", "--storm-chunk", "0"],
 ], ids=lambda a: " ".join(a) or "no-args")
 def test_bad_usage(loadgen, args):
     proc = run_loadgen(loadgen, *args)

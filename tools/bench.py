@@ -8,6 +8,7 @@
     python tools/bench.py --tls           # TLS echo and handshakes (issue #10)
     python tools/bench.py --procs         # pipes through cat, a spawn burst (issue #11)
     python tools/bench.py --udp           # datagram echo (issue #12)
+    python tools/bench.py --storm         # a connection storm (issue #13)
     python tools/bench.py --baseline 88cf932   # the working tree against a commit, one run
 
 For each scenario, each loop's echo server (tools/bench_server.py, one
@@ -57,6 +58,14 @@ counted as lost ("lost" in the JSON) and the next one goes.  "udp receive"
 is one way: the load generator's --udp-flood sends back to back from every
 socket into a server that only counts (mode udp-sink); "requests" are the
 datagrams its protocol received, "lost" the ones the kernel dropped.
+
+The storm (--storm, and in --full) starts 10,000 clients at once against a
+streams echo server (listen backlog 4096, the kernel's cap; the load
+generator's --storm): each echoes 100 KB in chunks of 1 to 16,384 bytes,
+one chunk in flight, every byte checked, then closes.  A run is one storm:
+"seconds" from the first connect to the last close (the column to read),
+"rps" connections per second, p50/p99 a connection's life from connect()
+to close(), CPU per request the server's CPU per connection.
 
 A loop named mtloop:N runs mtloop with N I/O threads.  --clients K splits
 the connections over K load generators pinned to the last K CPUs (requests
@@ -123,6 +132,7 @@ class Scenario:
     udp: bool = False           # datagrams (mode udp, the load generator's --udp)
     flood: bool = False         # one way: --udp-flood into mode udp-sink
     pattern: str = "edge"       # the load generator's --pattern (stream echoes)
+    storm: bool = False         # all connections at once, one echo each (--storm)
 
 
 QUICK = [
@@ -139,6 +149,10 @@ FULL = (
        Scenario("heavy 64KiB x16 (50us/req)", size=64 * 1024, connections=16, work_us=50),
        Scenario("idle x10000", connections=10000, idle=True)]
 )
+# Issue #13: 10,000 clients at once, each echoing 100 KB in random chunks.
+STORM = [Scenario("storm 100KB x10000", mode="streams", size=100_000, connections=10000,
+                  storm=True)]
+FULL += STORM
 # The scenarios issue #4 sets targets for, in the order of its table.
 TARGETS = [
     Scenario("protocol 1KiB x32"),
@@ -173,6 +187,7 @@ UDP = [
 ]
 UNITS = {"pipe": "MiB", "spawn": "children", "udp": "datagrams", "udp-sink": "datagrams"}  # a "request", by mode
 SMOKE = [Scenario("protocol 1KiB x4", connections=4),
+         Scenario("storm 10KB x50", mode="streams", size=10_000, connections=50, storm=True),
          Scenario("idle x50", connections=50, idle=True)]
 
 
@@ -464,6 +479,8 @@ def loadgen(binary: Path, port: int, sc: Scenario, seconds: float,
             cmd.append("--udp-flood" if sc.flood else "--udp")
         if sc.pattern != "edge":
             cmd += ["--pattern", sc.pattern]
+        if sc.storm:
+            cmd.append("--storm")
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True))
     reports = []
@@ -538,7 +555,7 @@ WRK_UNITS = {"us": 1.0, "ms": 1e3, "s": 1e6}
 def is_stream_echo(sc: Scenario) -> bool:
     """A scenario the load generator drives over TCP without TLS: one whose
     traffic pattern --pattern chooses."""
-    return not (sc.idle or sc.proc or sc.http or sc.udp or sc.tls)
+    return not (sc.idle or sc.proc or sc.http or sc.udp or sc.tls or sc.storm)
 
 
 def with_pattern(scenarios: list[Scenario], pattern: str) -> list[Scenario]:
@@ -583,6 +600,17 @@ def wrk(port: int, sc: Scenario, seconds: float, cpu: int | None) -> dict:
     if "rps" not in result or "requests" not in result:
         raise RuntimeError(f"cannot read wrk's output: {out!r}")
     return result
+
+
+STORM_DEADLINE = 60.0  # seconds: a storm that takes longer fails its stragglers
+
+
+def run_storm(binary: Path, loop: str, sc: Scenario, cpus: list[int | None]) -> dict:
+    """One storm: "seconds" from the first connect to the last close,
+    "rps" connections per second, p50/p99 a connection's whole life."""
+    server = Server(loop, sc)
+    return measure(server, lambda s: loadgen(binary, server.port, sc, STORM_DEADLINE, cpus),
+                   STORM_DEADLINE)
 
 
 def run_http(loop: str, sc: Scenario, seconds: float, cpus: list[int | None]) -> dict:
@@ -633,6 +661,7 @@ def run_idle(loop: str, sc: Scenario, seconds: float) -> dict:
 ECHO_KEYS = ("rps", "p50_us", "p99_us", "loop_cpu_us_per_req", "cpu_us_per_req", "peak_rss_mib")
 IDLE_KEYS = ("rss_per_conn_kib", "idle_cpu_pct")
 PROC_KEYS = ECHO_KEYS + ("max_gap_us",)
+STORM_KEYS = ECHO_KEYS + ("seconds",)
 UDP_KEYS = ECHO_KEYS + ("lost",)
 
 
@@ -640,10 +669,10 @@ def keys_of(sc_or_median: Any) -> tuple[str, ...]:
     if isinstance(sc_or_median, Scenario):
         sc = sc_or_median
         return (IDLE_KEYS if sc.idle else PROC_KEYS if sc.proc else
-                UDP_KEYS if sc.udp else ECHO_KEYS)
+                UDP_KEYS if sc.udp else STORM_KEYS if sc.storm else ECHO_KEYS)
     med = sc_or_median
     return (IDLE_KEYS if "rss_per_conn_kib" in med else PROC_KEYS if "max_gap_us" in med else
-            UDP_KEYS if "lost" in med else ECHO_KEYS)
+            UDP_KEYS if "lost" in med else STORM_KEYS if "seconds" in med else ECHO_KEYS)
 
 
 def medians(runs: list[dict], keys: tuple[str, ...]) -> dict[str, float]:
@@ -812,6 +841,8 @@ def main() -> int:
                        help="pipe throughput through cat and a spawn burst (issue #11)")
     group.add_argument("--udp", action="store_true",
                        help="datagram echo, 64 B and 1 KiB (issue #12)")
+    group.add_argument("--storm", action="store_true",
+                       help="10,000 clients at once, 100 KB echoed by each (issue #13)")
     group.add_argument("--scaling", action="store_true",
                        help="mtloop with 1, 2, 4 and 8 I/O threads beside asyncio and uvloop "
                             "(for a machine with many cores; use with --clients)")
@@ -867,7 +898,8 @@ def main() -> int:
         Server.cpus = parse_cpus(args.server_cpus)
     scenarios = (FULL if args.full else SMOKE if args.smoke else
                  SCALING if args.scaling else TARGETS if args.targets else
-                 TLS if args.tls else PROCS if args.procs else UDP if args.udp else QUICK)
+                 TLS if args.tls else PROCS if args.procs else UDP if args.udp else
+                 STORM if args.storm else QUICK)
     if args.pattern_filter:
         scenarios = [s for s in scenarios if args.pattern_filter in s.name]
     scenarios = with_pattern(scenarios, args.pattern)
@@ -912,15 +944,18 @@ def main() -> int:
                          else run_proc(loop, sc, seconds) if sc.proc
                          else run_http(loop, sc, seconds, client_cpus) if sc.http
                          else run_flood(binary, loop, sc, seconds, client_cpus) if sc.flood
+                         else run_storm(binary, loop, sc, client_cpus) if sc.storm
                          else run_echo(binary, loop, sc, seconds, client_cpus))
                 except Exception as exc:  # a failing loop must not hide the others
                     log(f"[{done}/{total}] {sc.name} {loop}: FAILED: {exc}")
                     continue
                 runs[loop].append(r)
+                unit = "conn" if sc.storm else UNITS.get(sc.mode, "req")
+                took = f"{r['seconds']:.2f} s, " if sc.storm else ""
                 summary = (f"{r['rss_per_conn_kib']:.1f} KiB/conn, {r['idle_cpu_pct']:.2f}% CPU"
                            if sc.idle else
-                           f"{r['rps']:,.0f} {UNITS.get(sc.mode, 'req')}/s, "
-                           f"p99 {r['p99_us']:.0f} us, errors {r['errors']}")
+                           f"{r['rps']:,.0f} {unit}/s, {took}p99 {r['p99_us']:.0f} us, "
+                           f"errors {r['errors']}")
                 log(f"[{done}/{total}] {sc.name} {loop}: {summary}")
         keys = keys_of(sc)
         results[sc.name] = {loop: {"median": medians(rs, keys), "runs": rs}

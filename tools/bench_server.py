@@ -306,11 +306,12 @@ async def serve(args: argparse.Namespace) -> None:
         sslctx.load_cert_chain(args.tls_cert, args.tls_key)
 
     if args.mode == "protocol":
-        server = await loop.create_server(lambda: EchoProtocol(args), sock=sock, backlog=4096,
+        server = await loop.create_server(lambda: EchoProtocol(args), sock=sock,
+                                          backlog=args.backlog,
                                           ssl=sslctx)
     elif args.mode == "buffered":
         server = await loop.create_server(lambda: EchoBufferedProtocol(args), sock=sock,
-                                          backlog=4096, ssl=sslctx)
+                                          backlog=args.backlog, ssl=sslctx)
     elif args.mode == "streams":
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             framer = Framer(args.size, args.work_us, writer.write)
@@ -325,9 +326,9 @@ async def serve(args: argparse.Namespace) -> None:
                 pass
             finally:
                 writer.close()
-        server = await asyncio.start_server(handle, sock=sock, backlog=4096, ssl=sslctx)
+        server = await asyncio.start_server(handle, sock=sock, backlog=args.backlog, ssl=sslctx)
     else:  # sock
-        sock.listen(4096)
+        sock.listen(args.backlog)
         tasks: set[asyncio.Task[None]] = set()
 
         async def client(conn: socket.socket) -> None:
@@ -376,6 +377,8 @@ def main() -> None:
                                  "pipe", "spawn", "udp", "udp-sink"))
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--work-us", type=float, default=0.0)
+    parser.add_argument("--backlog", type=int, default=4096,
+                        help="the listen backlog (asyncio's default is 100)")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--unix", default=None)
     parser.add_argument("--tls-cert", default=None, help="serve TLS with this certificate chain")

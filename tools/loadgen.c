@@ -5,7 +5,7 @@
  *                  [-c CONNS] [-s SIZE] [-d SECONDS | -n REQUESTS]
  *                  [-p DEPTH] [--warmup SECONDS] [--json] [--cpu N]
  *                  [--connect-timeout SECONDS] [--tls [--tls-reuse]] [--reconnect]
- *                  [--pattern edge|level]
+ *                  [--pattern edge|level] [--storm [--storm-chunk MAX]]
  *
  * Each connection runs a closed loop with up to DEPTH messages in flight: a
  * message is sent when one of the connection's earlier ones has been echoed
@@ -56,6 +56,15 @@
  * back to back, round robin, without waiting for echoes (anything that
  * comes back is read and dropped); `requests` counts what was sent, and
  * the receiver reports what it got (tools/bench_server.py --mode udp-sink).
+ *
+ * --storm opens all -c connections at once; each echoes -s bytes in chunks
+ * of random size (1 to --storm-chunk bytes; a chunk is sent once the echo
+ * of the one before it is back in full, every byte checked), then closes.
+ * The clock runs from the first connect() to the last close() (-d is the
+ * deadline); `requests` counts connections that finished, and a request's
+ * latency is a connection's whole life.  A listen backlog that overflows
+ * shows here: the kernel drops the SYN and the client sends it again a
+ * second later.
  *
  * Exit status: 0 on success, 1 if any error occurred or no request completed,
  * 2 on bad usage.
@@ -257,6 +266,8 @@ struct options {
     bool udp_flood;             /* send without waiting for echoes */
     bool level;                 /* --pattern level */
     double udp_timeout;         /* seconds */
+    bool storm;                 /* --storm */
+    uint64_t storm_chunk;       /* its largest chunk */
 };
 
 static struct options opt = {
@@ -267,6 +278,7 @@ static struct options opt = {
     .cpu = -1,
     .connect_timeout = 5.0,
     .udp_timeout = 0.1,
+    .storm_chunk = 16384,
 };
 
 static struct {
@@ -342,6 +354,10 @@ static void usage(FILE *f)
         "      --udp-timeout SECONDS  a datagram not echoed by then is lost (default 0.1)\n"
         "      --udp-flood         UDP one way: each socket sends datagrams back to back,\n"
         "                          echoes are not awaited; `requests` counts the sends\n"
+        "      --storm             a connection storm: all -c connections at once, each\n"
+        "                          echoes -s bytes in chunks of random size, one chunk\n"
+        "                          in flight, then closes; -d is the deadline (default 60)\n"
+        "      --storm-chunk MAX   the largest chunk of --storm (default 16384)\n"
         "  -h, --help              show this help\n"
         "\n"
         "Exit status: 0 ok, 1 errors or no request completed, 2 bad usage.\n");
@@ -387,7 +403,7 @@ static double parse_seconds(const char *name, const char *s, bool allow_zero)
 enum {
     OPT_HOST = 256, OPT_PORT, OPT_UNIX, OPT_WARMUP, OPT_JSON, OPT_CPU,
     OPT_CONNECT_TIMEOUT, OPT_TLS, OPT_TLS_REUSE, OPT_RECONNECT, OPT_UDP, OPT_UDP_TIMEOUT, OPT_UDP_FLOOD,
-    OPT_PATTERN,
+    OPT_PATTERN, OPT_STORM, OPT_STORM_CHUNK,
 };
 
 static void parse_args(int argc, char **argv)
@@ -412,6 +428,8 @@ static void parse_args(int argc, char **argv)
         {"udp-timeout", required_argument, NULL, OPT_UDP_TIMEOUT},
         {"udp-flood", no_argument, NULL, OPT_UDP_FLOOD},
         {"pattern", required_argument, NULL, OPT_PATTERN},
+        {"storm", no_argument, NULL, OPT_STORM},
+        {"storm-chunk", required_argument, NULL, OPT_STORM_CHUNK},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
@@ -447,6 +465,10 @@ static void parse_args(int argc, char **argv)
                 bad_usage("--pattern: 'edge' or 'level', not '%s'", optarg);
             opt.level = strcmp(optarg, "level") == 0;
             break;
+        case OPT_STORM: opt.storm = true; break;
+        case OPT_STORM_CHUNK:
+            opt.storm_chunk = parse_uint("--storm-chunk", optarg, 1, SEND_CHUNK);
+            break;
         case 'h': usage(stdout); exit(0);
         default: fprintf(stderr, "Try '" PROG " --help'.\n"); exit(2);
         }
@@ -463,8 +485,12 @@ static void parse_args(int argc, char **argv)
     } else if (!opt.port) {
         bad_usage("--port (or --unix) is required");
     }
+    if (opt.storm && (opt.unix_path || opt.tls || opt.udp || opt.reconnect || opt.level ||
+                      opt.pipeline != 1 || opt.requests || opt.warmup > 0))
+        bad_usage("--storm excludes --unix, --tls, --udp, --reconnect, --pattern level, "
+                  "--pipeline, --requests and --warmup");
     if (opt.duration == 0 && opt.requests == 0)
-        opt.duration = 10.0;
+        opt.duration = opt.storm ? 60.0 : 10.0;
     if (opt.connections * opt.pipeline > (1ULL << 24))
         bad_usage("--connections x --pipeline is too large");
     if (opt.tls_reuse && !opt.tls)
@@ -503,19 +529,25 @@ static void conn_close(struct conn *c)
     c->state = C_CLOSED;
 }
 
-static void conn_fail(struct conn *c, const char *fmt, ...)
+/* Counts an error of connection `id`; the first few are told on stderr. */
+static void count_error(uint32_t id, const char *fmt, va_list ap)
 {
     g.errors++;
     if (g.errors <= MAX_REPORTED_ERRORS) {
-        va_list ap;
-        fprintf(stderr, PROG ": connection %u: ", c->id);
-        va_start(ap, fmt);
+        fprintf(stderr, PROG ": connection %u: ", id);
         vfprintf(stderr, fmt, ap);
-        va_end(ap);
         fputc('\n', stderr);
     } else if (g.errors == MAX_REPORTED_ERRORS + 1) {
         fprintf(stderr, PROG ": further errors not shown\n");
     }
+}
+
+static void conn_fail(struct conn *c, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    count_error(c->id, fmt, ap);
+    va_end(ap);
     conn_close(c);
 }
 
@@ -1150,6 +1182,196 @@ static int run_udp(void)
 }
 
 /* ------------------------------------------------------------------------ */
+/* A connection storm (--storm)                                             */
+
+/* Every connection at once: connect, echo --size bytes in chunks of random
+ * size (1..--storm-chunk, one chunk in flight: a chunk goes when the echo
+ * of the one before is back in full), check every byte, close.  The clock
+ * runs from the first connect() to the last close(); a connection's
+ * "latency" is its whole life, from its connect() to its close(). */
+struct storm_conn {
+    int fd;
+    uint32_t id;
+    bool connecting;
+    uint64_t rng;               /* xorshift64: the chunk sizes */
+    uint64_t sent, echoed;      /* bytes of the stream */
+    uint64_t chunk_end;         /* the chunk in flight ends here */
+    uint64_t started;
+};
+
+static uint64_t storm_next_chunk(struct storm_conn *s)
+{
+    s->rng ^= s->rng << 13;
+    s->rng ^= s->rng >> 7;
+    s->rng ^= s->rng << 17;
+    uint64_t n = 1 + s->rng % opt.storm_chunk;
+    uint64_t left = opt.size - s->chunk_end;
+    return n < left ? n : left;
+}
+
+static void storm_end(struct storm_conn *s, bool ok, const char *fmt, ...)
+{
+    if (!ok) {
+        va_list ap;
+        va_start(ap, fmt);
+        count_error(s->id, fmt, ap);
+        va_end(ap);
+    }
+    close(s->fd);
+    s->fd = -1;
+    g.alive--;
+}
+
+static void storm_write(struct storm_conn *s)
+{
+    while (s->sent < s->chunk_end) {
+        size_t len = (size_t)(s->chunk_end - s->sent);
+        if (len > SEND_CHUNK)
+            len = SEND_CHUNK;
+        msg_fill(msg_seed(s->id, 0), (size_t)s->sent, len, g.sbuf);
+        ssize_t n = send(s->fd, g.sbuf, len, MSG_NOSIGNAL);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno != EAGAIN && errno != EWOULDBLOCK)
+                storm_end(s, false, "send: %s", strerror(errno));
+            return;             /* EPOLLOUT (edge-triggered) brings us back */
+        }
+        s->sent += (uint64_t)n;
+    }
+}
+
+static void storm_read(struct storm_conn *s)
+{
+    for (;;) {
+        ssize_t n = recv(s->fd, g.rbuf, RECV_CHUNK, 0);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno != EAGAIN && errno != EWOULDBLOCK)
+                storm_end(s, false, "recv: %s", strerror(errno));
+            return;
+        }
+        if (n == 0) {
+            storm_end(s, false, "closed by the server after %llu of %llu bytes",
+                      (unsigned long long)s->echoed, (unsigned long long)opt.size);
+            return;
+        }
+        if (s->echoed + (uint64_t)n > s->sent) {
+            storm_end(s, false, "received %llu bytes more than were sent",
+                      (unsigned long long)(s->echoed + (uint64_t)n - s->sent));
+            return;
+        }
+        msg_fill(msg_seed(s->id, 0), (size_t)s->echoed, (size_t)n, g.ebuf);
+        if (memcmp(g.ebuf, g.rbuf, (size_t)n) != 0) {
+            size_t i = 0;
+            while (g.ebuf[i] == g.rbuf[i])
+                i++;
+            storm_end(s, false, "echo mismatch at offset %llu",
+                      (unsigned long long)(s->echoed + i));
+            return;
+        }
+        s->echoed += (uint64_t)n;
+        if (s->echoed < s->chunk_end)
+            continue;
+        if (s->chunk_end == opt.size) {
+            uint64_t t = now_ns();
+            hist_record(&g.hist, t - s->started);
+            g.requests++;
+            storm_end(s, true, NULL);
+            return;
+        }
+        s->chunk_end += storm_next_chunk(s);
+        storm_write(s);
+        if (s->fd < 0)
+            return;
+    }
+}
+
+static void storm_event(struct storm_conn *s, uint32_t events)
+{
+    if (s->fd < 0)
+        return;                 /* ended earlier in this batch of events */
+    if (s->connecting) {
+        int err = 0;
+        socklen_t len = sizeof err;
+        if (getsockopt(s->fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
+            err = errno;
+        if (err != 0 || (events & (EPOLLERR | EPOLLHUP))) {
+            storm_end(s, false, "connect: %s", strerror(err ? err : ECONNRESET));
+            return;
+        }
+        if (!(events & EPOLLOUT))
+            return;
+        s->connecting = false;
+        g.connected++;
+        s->chunk_end = storm_next_chunk(s);
+        storm_write(s);
+        return;
+    }
+    if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
+        storm_read(s);
+    if (s->fd >= 0 && (events & EPOLLOUT))
+        storm_write(s);
+}
+
+static int run_storm(void)
+{
+    struct storm_conn *conns = xcalloc((size_t)opt.connections, sizeof *conns);
+    uint64_t now = now_ns();
+    g.t0 = g.measure_start = now;
+    g.end = now + (uint64_t)(opt.duration * 1e9);
+    g.phase = PH_RUNNING;
+    for (uint64_t i = 0; i < opt.connections; i++) {
+        struct storm_conn *s = &conns[i];
+        s->id = (uint32_t)i;
+        s->rng = mix64(i + 1) | 1;
+        s->started = now_ns();
+        s->fd = socket(g.family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (s->fd < 0) {
+            perror(PROG ": socket");
+            return 1;
+        }
+        g.alive++;
+        int one = 1;
+        (void)setsockopt(s->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        int rc = connect(s->fd, (struct sockaddr *)&g.addr, g.addrlen);
+        if (rc < 0 && errno != EINPROGRESS && errno != EINTR) {
+            storm_end(s, false, "connect: %s", strerror(errno));
+            continue;
+        }
+        s->connecting = true;
+        struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET,
+                                 .data.ptr = s};
+        if (epoll_ctl(g.epfd, EPOLL_CTL_ADD, s->fd, &ev) < 0) {
+            storm_end(s, false, "epoll_ctl: %s", strerror(errno));
+            continue;
+        }
+    }
+    struct epoll_event events[MAX_EVENTS];
+    while (g.alive > 0 && !interrupted && now < g.end) {
+        int n = epoll_wait(g.epfd, events, MAX_EVENTS, ms_until(now, g.end));
+        if (n < 0 && errno != EINTR) {
+            perror(PROG ": epoll_wait");
+            return 1;
+        }
+        for (int i = 0; i < n; i++)
+            storm_event(events[i].data.ptr, events[i].events);
+        now = now_ns();
+    }
+    g.stop_time = now;
+    g.end = NEVER;              /* report(): the storm's time, not the deadline */
+    g.phase = PH_DONE;
+    for (uint64_t i = 0; i < opt.connections; i++)
+        if (conns[i].fd >= 0)
+            storm_end(&conns[i], false, "unfinished after %.1f s (%llu of %llu bytes echoed)",
+                      opt.duration, (unsigned long long)conns[i].echoed,
+                      (unsigned long long)opt.size);
+    free(conns);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
 /* Report                                                                   */
 
 static void report(void)
@@ -1172,7 +1394,7 @@ static void report(void)
                "\"p50_us\": %.3f, \"p90_us\": %.3f, \"p99_us\": %.3f, \"p999_us\": %.3f, "
                "\"max_us\": %.3f, \"mean_us\": %.3f, \"tls\": %s, \"reconnects\": %llu, "
                "\"udp\": %s, \"lost\": %llu, \"late\": %llu, \"flood\": %s, "
-               "\"pattern\": \"%s\", \"max_read\": %llu}\n",
+               "\"pattern\": \"%s\", \"max_read\": %llu, \"storm\": %s}\n",
                (unsigned long long)g.requests, seconds, rps, mib_s,
                (unsigned long long)g.errors, (unsigned long long)g.connected,
                (unsigned long long)opt.size, (unsigned long long)opt.pipeline,
@@ -1180,16 +1402,17 @@ static void report(void)
                (unsigned long long)g.reconnects, opt.udp ? "true" : "false",
                (unsigned long long)g.lost, (unsigned long long)g.late,
                opt.udp_flood ? "true" : "false", opt.level ? "level" : "edge",
-               (unsigned long long)g.max_read);
+               (unsigned long long)g.max_read, opt.storm ? "true" : "false");
         return;
     }
     if (opt.unix_path)
         printf(PROG ": unix %s", opt.unix_path);
     else
         printf(PROG ": %s %s port %s", opt.udp ? "udp" : "tcp", opt.host, opt.port);
-    printf(", %llu B messages, pipeline %llu%s%s\n",
+    printf(", %llu B messages, pipeline %llu%s%s%s\n",
            (unsigned long long)opt.size, (unsigned long long)opt.pipeline,
-           opt.tls ? ", TLS" : "", opt.reconnect ? ", a connection per request" : "");
+           opt.tls ? ", TLS" : "", opt.reconnect ? ", a connection per request" : "",
+           opt.storm ? ", a storm (a request is a connection, connect to close)" : "");
     printf("  connections  %llu", (unsigned long long)g.connected);
     if (g.connected != opt.connections)
         printf(" (of %llu requested)", (unsigned long long)opt.connections);
@@ -1252,8 +1475,8 @@ int main(int argc, char **argv)
     g.rbuf = xcalloc(1, RECV_CHUNK);
     g.ebuf = xcalloc(1, RECV_CHUNK);
     g.budget = opt.requests ? opt.requests : NEVER;
-    if (opt.udp) {
-        int rc = run_udp();
+    if (opt.udp || opt.storm) {
+        int rc = opt.udp ? run_udp() : run_storm();
         report();
         free(g.sbuf);
         free(g.rbuf);

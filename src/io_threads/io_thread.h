@@ -7,6 +7,12 @@
 
 #define MT_BATCH_SINKS 8
 
+/* Quiet completions (mt_io_thread_emit_quiet) wake the loop anyway once
+ * they hold this many bytes since this thread last woke one: they are
+ * buffers the loop lets go of, and a loop that sleeps must not keep them
+ * without bound. */
+#define MT_QUIET_BYTES_MAX ((uint64_t)1024 * 1024)
+
 struct mt_io_thread {
     int index;                 /* immutable */
     pthread_t thread;          /* immutable once started */
@@ -28,8 +34,10 @@ struct mt_io_thread {
     struct {
         mt_sink *sink;
         mt_msg *first, *last;
+        bool wake;             /* a completion the loop must be woken for */
     } batch[MT_BATCH_SINKS];
     int nbatch;
+    uint64_t quiet_bytes;      /* held by quiet completions since the last wakeup */
 };
 
 /* This thread: back to RUNNING as soon as the wait returned, so that

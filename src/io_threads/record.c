@@ -181,14 +181,17 @@ void mt_io_thread_flush_batches(mt_io_thread *io)
         /* Once pushed, the completions (which hold the sink) may be popped
          * and freed before the wakeup: hold the sink across both. */
         mt_sink *sink = io->batch[i].sink;
+        bool wake = io->batch[i].wake;
         mt_sink_incref(sink);
-        mt_sink_push(sink, io->batch[i].first, io->batch[i].last);
+        mt_sink_push(sink, io->batch[i].first, io->batch[i].last, wake);
         mt_sink_decref(sink);
+        if (wake)
+            io->quiet_bytes = 0;
     }
     io->nbatch = 0;
 }
 
-void mt_io_thread_emit(mt_io_thread *io, mt_msg *msg)
+static void emit(mt_io_thread *io, mt_msg *msg, bool wake)
 {
     mt_sink *sink = msg->rec->sink;
     mt_counter_add(&io->stats.completions, 1);
@@ -203,11 +206,24 @@ void mt_io_thread_emit(mt_io_thread *io, mt_msg *msg)
         }
         io->batch[i].sink = sink;
         io->batch[i].first = io->batch[i].last = msg;
+        io->batch[i].wake = wake;
         io->nbatch = i + 1;
         return;
     }
     atomic_store_explicit(&io->batch[i].last->node.next, &msg->node, memory_order_relaxed);
     io->batch[i].last = msg;
+    io->batch[i].wake |= wake;
+}
+
+void mt_io_thread_emit(mt_io_thread *io, mt_msg *msg)
+{
+    emit(io, msg, true);
+}
+
+void mt_io_thread_emit_quiet(mt_io_thread *io, mt_msg *msg, size_t bytes)
+{
+    io->quiet_bytes += bytes;
+    emit(io, msg, io->quiet_bytes >= MT_QUIET_BYTES_MAX);
 }
 
 bool mt_io_thread_emit_op(mt_io_thread *io, mt_record *rec, uint8_t op, int err)

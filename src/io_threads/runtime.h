@@ -165,6 +165,10 @@ void mt_record_release(mt_io_thread *io, mt_record *rec, int err);
 /* Queues a completion; the thread pushes each sink's batch once per
  * iteration. */
 void mt_io_thread_emit(mt_io_thread *io, mt_msg *msg);
+/* The same for a completion nobody waits for (a buffer to let go of, of
+ * `bytes`): it wakes the loop only with others, or past
+ * MT_QUIET_BYTES_MAX; a sleeping loop finds it when it next wakes. */
+void mt_io_thread_emit_quiet(mt_io_thread *io, mt_msg *msg, size_t bytes);
 /* A completion of `op` with no payload and `err`; false when out of
  * memory (nothing was queued). */
 bool mt_io_thread_emit_op(mt_io_thread *io, mt_record *rec, uint8_t op, int err);
@@ -217,8 +221,9 @@ struct mt_sink {
 mt_sink *mt_sink_new(void);
 void mt_sink_incref(mt_sink *sink);
 void mt_sink_decref(mt_sink *sink);
-/* Pushes a chain (linked through node.next) and wakes the loop if it sleeps. */
-void mt_sink_push(mt_sink *sink, mt_msg *first, mt_msg *last);
+/* Pushes a chain (linked through node.next) and, with `wake`, wakes the
+ * loop if it sleeps. */
+void mt_sink_push(mt_sink *sink, mt_msg *first, mt_msg *last, bool wake);
 /* Loop thread: the next completion, or NULL (see mt_mpsc_queue_pop). */
 static inline mt_msg *mt_sink_pop(mt_sink *sink)
 {

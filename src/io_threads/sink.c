@@ -53,10 +53,11 @@ void mt_sink_decref(mt_sink *sink)
     free(sink);
 }
 
-void mt_sink_push(mt_sink *sink, mt_msg *first, mt_msg *last)
+void mt_sink_push(mt_sink *sink, mt_msg *first, mt_msg *last, bool wake)
 {
     mt_mpsc_queue_push_chain(&sink->queue, &first->node, &last->node);
-    mt_waker_notify(&sink->waker);
+    if (wake)
+        mt_waker_notify(&sink->waker);
 }
 
 static void latch_init(mt_latch *l)

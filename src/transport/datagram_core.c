@@ -124,7 +124,7 @@ static void push_drained(mt_dgram_core *self)
 {
     mt_msg *msg = mt_msg_new(MT_DGRAM_DRAINED, &self->dgram->rec, 0);
     if (msg != NULL)
-        mt_sink_push(self->loop->sink, msg, msg);
+        mt_sink_push(self->loop->sink, msg, msg, true);
 }
 
 static int on_blocked(mt_dgram_core *self)

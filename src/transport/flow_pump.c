@@ -3,6 +3,8 @@
  * on the owning thread and never touches Python. */
 #include "transport/flow.h"
 
+#include "io_threads/buffer_pool.h"
+
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -10,6 +12,10 @@
 
 #define MT_MAX_IOV 64
 #define MT_READS_PER_EVENT 16
+
+_Static_assert(((size_t)1 << MT_READ_MAX_SHIFT) - sizeof(mt_msg) == MT_READ_MAX &&
+                   MT_READ_MAX_SHIFT <= MT_POOL_MAX_SHIFT && MT_READ_MIN_SHIFT >= MT_POOL_MIN_SHIFT,
+               "reads go into whole pool blocks");
 
 static void emit(mt_io_thread *io, mt_flow *f, uint8_t op, int err)
 {
@@ -81,7 +87,10 @@ static char *out_data(mt_msg *m)
 }
 
 /* A WRITE is done with (sent or dropped): freed, or for a WRITE_REF handed
- * back to the loop as REF_DONE, which lets go of the bytes' object. */
+ * back to the loop as REF_DONE, which lets go of the bytes' object.  No
+ * one waits for that: it goes quietly, with the next completion that
+ * wakes the loop (a wakeup of its own, in a request-response exchange
+ * where the loop sleeps after each write, is a context switch a request). */
 static void out_done(mt_io_thread *io, mt_msg *m)
 {
     if (m->op != MT_FLOW_WRITE_REF) {
@@ -89,7 +98,7 @@ static void out_done(mt_io_thread *io, mt_msg *m)
         return;
     }
     m->op = MT_FLOW_REF_DONE;
-    mt_io_thread_emit(io, m);
+    mt_io_thread_emit_quiet(io, m, m->len);
 }
 
 static void emit_sendfile_done(mt_io_thread *io, mt_flow *f, int err, size_t sent)
@@ -346,6 +355,16 @@ static void run_filter(mt_io_thread *io, mt_flow *f)
  * a large read is copied once (kernel to record) before the loop makes
  * its bytes object.  A short read moves to a record of its own size and
  * the big one goes back to this thread's pool cache at once. */
+/* The next read's block, from what this one returned (see flow.h). */
+static void adapt_read_size(mt_flow *f, size_t n, size_t room)
+{
+    if (n == room && f->read_shift < MT_READ_MAX_SHIFT)
+        f->read_shift++;
+    else if (n + sizeof(mt_msg) <= ((size_t)1 << f->read_shift) / 4 &&
+             f->read_shift > MT_READ_MIN_SHIFT)
+        f->read_shift--;
+}
+
 static void on_readable(mt_io_thread *io, mt_flow *f)
 {
     for (int round = 0; round < MT_READS_PER_EVENT; round++) {
@@ -354,16 +373,18 @@ static void on_readable(mt_io_thread *io, mt_flow *f)
             update_interest(io, f);
             return;
         }
-        mt_msg *msg = mt_msg_new(MT_FLOW_DATA, &f->rec, MT_READ_MAX);
+        size_t block = (size_t)1 << f->read_shift, room = block - sizeof(mt_msg);
+        mt_msg *msg = mt_msg_new(MT_FLOW_DATA, &f->rec, room);
         if (msg == NULL) {
             f->read_done = true;
             update_interest(io, f);
             emit(io, f, MT_FLOW_READ_ERROR, ENOMEM);
             return;
         }
-        ssize_t n = f->fd_ops->read(f, mt_msg_data(msg), MT_READ_MAX);
+        ssize_t n = f->fd_ops->read(f, mt_msg_data(msg), room);
         if (n > 0) {
-            if ((size_t)n <= MT_READ_COPY_MAX) {
+            adapt_read_size(f, (size_t)n, room);
+            if ((size_t)n <= MT_READ_COPY_MAX && (size_t)n + sizeof(mt_msg) <= block / 4) {
                 mt_msg *small = mt_msg_new(MT_FLOW_DATA, &f->rec, (size_t)n);
                 if (small != NULL) {
                     memcpy(mt_msg_data(small), mt_msg_data(msg), (size_t)n);
@@ -379,7 +400,7 @@ static void on_readable(mt_io_thread *io, mt_flow *f)
                 f->read_on = MT_IO_READ;
                 update_interest(io, f);
             }
-            if ((size_t)n < MT_READ_MAX && !filter_has_input(f))
+            if ((size_t)n < room && !filter_has_input(f))
                 return;
             continue;
         }
@@ -604,6 +625,7 @@ mt_flow *mt_flow_new(const mt_fd_ops *fd_ops, const struct mt_loop_ops *loop_ops
     f->sf_fd = -1;
     f->read_on = MT_IO_READ;
     f->write_on = MT_IO_WRITE;
+    f->read_shift = MT_READ_MAX_SHIFT;
     atomic_init(&f->want_read, false);
     mt_credit_init(&f->read_credit);
     mt_out_marks_init(&f->marks);

@@ -36,10 +36,15 @@ typedef struct mt_accepted {
 } mt_accepted;
 
 /* Connections accepted ahead of the loop: the listen() backlog, within
- * these bounds (asyncio accepts up to `backlog` a loop iteration; more than
- * the upper bound only turns the kernel's queue into descriptors). */
+ * these bounds, as asyncio accepts up to `backlog` a loop iteration.  A
+ * lower bound than the backlog lets the kernel's queue fill under a
+ * connection storm while the loop is busy, and the kernel then drops SYNs:
+ * each costs its client a second before it tries again (a bound of 128
+ * gave 10,000 clients at once a 1 s tail that uvloop, which accepts until
+ * the queue is empty, did not have).  The upper bound is Linux's default
+ * cap on any backlog (net.core.somaxconn). */
 #define MT_ACCEPT_CREDIT_MIN 16
-#define MT_ACCEPT_CREDIT_MAX 128
+#define MT_ACCEPT_CREDIT_MAX 4096
 
 /* Seconds an I/O thread waits before accepting again after running out of
  * file descriptors or memory (asyncio's ACCEPT_RETRY_DELAY). */

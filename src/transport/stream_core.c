@@ -322,7 +322,7 @@ static void push_own(mt_stream_core *self, uint8_t op)
 {
     mt_msg *msg = mt_msg_new(op, &self->flow->rec, 0);
     if (msg != NULL)
-        mt_sink_push(self->loop->sink, msg, msg);
+        mt_sink_push(self->loop->sink, msg, msg, true);
 }
 
 static void arm_drained_at(mt_stream_core *self, uint64_t mark)
@@ -411,10 +411,11 @@ static bool write_broken(mt_stream_core *self, PyObject **res)
 
 /* Writes at least this large out of a bytes object are sent from the
  * object itself (WRITE_REF), held until the I/O thread hands the message
- * back: a copy costs the loop thread more than that completion.  Measured
- * with 256 KiB writes through `cat` (tools/bench.py --procs): the copy was
- * a fifth of the loop thread's CPU. */
-#define MT_WRITE_REF_MIN ((size_t)64 * 1024)
+ * back (quietly: flow_pump.c's out_done): a copy costs the loop thread
+ * more than that completion.  Measured with 256 KiB writes through `cat`
+ * (tools/bench.py --procs): the copy was a fifth of the loop thread's
+ * CPU. */
+#define MT_WRITE_REF_MIN ((size_t)4 * 1024)
 
 /* The WRITE messages carrying buf[0:len] in order, linked through their
  * nodes (the last in *last_out); NULL when out of memory.  With `owner`
@@ -1262,7 +1263,21 @@ static PyObject *transport_writelines(PyObject *transport, PyObject *seq)
     return res;
 }
 
+/* StreamWriter.drain() asks this on every call. */
+static PyObject *transport_is_closing(PyObject *transport, PyObject *Py_UNUSED(a))
+{
+    mt_stream_core *core =
+        (mt_stream_core *)mt_transport_core(&write_slot, transport, &mt_StreamCoreType);
+    if (core == NULL)
+        return NULL;
+    bool closing = core->closing;
+    Py_DECREF(core);
+    return PyBool_FromLong(closing);
+}
+
 static PyMethodDef transport_methods[] = {
+    {"is_closing", (PyCFunction)transport_is_closing, METH_NOARGS,
+     "is_closing() -> bool: whether the transport is closing or closed."},
     {"write", (PyCFunction)transport_write, METH_O,
      "write(data): queue bytes-like data to be sent to the socket."},
     {"writelines", (PyCFunction)transport_writelines, METH_O,
@@ -1273,7 +1288,7 @@ static PyMethodDef transport_methods[] = {
 PyTypeObject mt_StreamWriteMethodsType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "mtloop._mtloop.StreamWriteMethods",
-    .tp_doc = "write() and writelines() of mtloop's stream transport, in C.",
+    .tp_doc = "write(), writelines() and is_closing() of mtloop's stream transport, in C.",
     .tp_basicsize = sizeof(PyObject),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
     .tp_new = PyType_GenericNew,

@@ -1139,7 +1139,18 @@ static void test_listener_accept_credit(void **state)
     (void)state;
     accept_credit_case(0, MT_ACCEPT_CREDIT_MIN, 3 * MT_ACCEPT_CREDIT_MIN + 5);
     accept_credit_case(40, 40, 100);
-    accept_credit_case(100000, MT_ACCEPT_CREDIT_MAX, MT_ACCEPT_CREDIT_MAX + 40);
+    accept_credit_case(200, 200, 240);
+
+    /* Above the kernel's own cap (somaxconn) the limit stops growing. */
+    mt_sink *sink = mt_sink_new();
+    assert_non_null(sink);
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    assert_true(fd >= 0);
+    mt_listener *l = mt_listener_new(NULL, sink, g_io, fd, 100000, false);
+    assert_non_null(l);
+    assert_int_equal(l->credit_limit, MT_ACCEPT_CREDIT_MAX);
+    mt_record_decref(&l->rec); /* never listened: closes fd */
+    mt_sink_decref(sink);
 }
 
 int main(void)

@@ -10,6 +10,7 @@
 #include "test_common.h"
 
 #include "io_threads/runtime.h"
+#include "io_threads/io_thread.h"
 
 #include <fcntl.h>
 #include <poll.h>
@@ -55,6 +56,8 @@ enum {
     OP_EMIT_TO,    /* `count` rounds of one completion for each of `targets` */
     OP_DIRTY,      /* mt_record_mark_dirty, twice */
     OP_GATE,       /* block the thread until g_gate opens */
+    OP_EMIT_QUIET, /* once the sink's consumer sleeps: `count` quiet completions
+                      of `seq` bytes each */
 };
 
 typedef struct fake fake;
@@ -141,6 +144,17 @@ static void fake_message(mt_io_thread *io, mt_record *rec, mt_msg *msg)
             fake_emit_op(io, f, FAKE_DONE, 0, false);
             if (p.pause_every && (i + 1) % p.pause_every == 0 && i + 1 < p.count)
                 mt_test_sleep_us(40);
+        }
+        break;
+    case OP_EMIT_QUIET:
+        while (atomic_load(&rec->sink->waker.state) != MT_WAKER_SLEEPING)
+            sched_yield();
+        for (uint32_t i = 0; i < p.count; i++) {
+            mt_msg *d = mt_msg_new(FAKE_DONE, &f->rec, sizeof(done_payload));
+            assert_non_null(d);
+            done_payload dp = {.id = f->id, .seq = atomic_fetch_add(&f->emit_seq, 1)};
+            memcpy(mt_msg_data(d), &dp, sizeof(dp));
+            mt_io_thread_emit_quiet(io, d, (size_t)p.seq);
         }
         break;
     case OP_OWN:
@@ -834,6 +848,62 @@ static void test_completions_batched(void **state)
     mt_sink_decref(sink);
     release_all(io, 2);
     assert_int_equal(mt_runtime_threads_allocated(), alloc0);
+}
+
+/* Quiet completions reach a sleeping consumer without waking it, until
+ * they hold MT_QUIET_BYTES_MAX since the thread last woke it; a wakeup
+ * starts the count again. */
+static void test_quiet_completions(void **state)
+{
+    (void)state;
+    mt_io_thread *io[1];
+    assert_int_equal(mt_runtime_acquire(1, io), 0);
+    mt_sink *sink = mt_sink_new();
+    assert_non_null(sink);
+    consumer cons = {.sink = sink};
+    fake *f = fake_new(sink, io[0]);
+    const uint64_t half = MT_QUIET_BYTES_MAX / 2 + 1;
+
+    /* Under the bound: the consumer sleeps through them. */
+    post1(f, (payload){.op = OP_EMIT_QUIET, .count = 4, .seq = 1000});
+    uint64_t sent0 = atomic_load(&sink->waker.wakeups_sent);
+    assert_null(sink_next(&cons, 300));
+    assert_int_equal(cons.lost, 1); /* there, and no wakeup came */
+    assert_int_equal(atomic_load(&sink->waker.wakeups_sent), sent0);
+    for (int i = 0; i < 4; i++) {
+        mt_msg *d = sink_next(&cons, WAIT_MS);
+        assert_non_null(d);
+        assert_int_equal(done_data(d).seq, (uint64_t)i);
+        mt_msg_free(d);
+    }
+
+    /* 4,000 bytes so far; two more halves cross the bound: woken. */
+    post1(f, (payload){.op = OP_EMIT_QUIET, .count = 2, .seq = half});
+    cons.lost = cons.timeouts = 0;
+    for (int i = 0; i < 2; i++) {
+        mt_msg *d = sink_next(&cons, WAIT_MS);
+        assert_non_null(d);
+        mt_msg_free(d);
+    }
+    assert_int_equal(cons.timeouts, 0);
+    assert_true(cons.blocks >= 1);
+    assert_int_equal(atomic_load(&sink->waker.wakeups_sent), sent0 + 1);
+
+    /* The wakeup started the count again: one half sleeps through. */
+    post1(f, (payload){.op = OP_EMIT_QUIET, .count = 1, .seq = half});
+    assert_null(sink_next(&cons, 300));
+    assert_int_equal(cons.lost, 1);
+    mt_msg *d = sink_next(&cons, WAIT_MS);
+    assert_non_null(d);
+    mt_msg_free(d);
+    assert_int_equal(atomic_load(&f->bad), 0);
+
+    mt_runtime_shutdown();
+    int id = f->id;
+    mt_record_decref(&f->rec);
+    assert_int_equal(destroyed(id), 1);
+    mt_sink_decref(sink);
+    release_all(io, 1);
 }
 
 /* More sinks than a thread batches at once (MT_BATCH_SINKS): completions
@@ -1665,6 +1735,7 @@ int main(void)
         cmocka_unit_test(test_acquire_grows_only),
         cmocka_unit_test(test_post_fifo_many_producers),
         cmocka_unit_test(test_completions_batched),
+        cmocka_unit_test(test_quiet_completions),
         cmocka_unit_test(test_emit_many_sinks),
         cmocka_unit_test(test_sink_close),
         cmocka_unit_test(test_shutdown_and_restart),
