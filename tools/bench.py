@@ -65,7 +65,9 @@ generator's --storm): each echoes 100 KB in chunks of 1 to 16,384 bytes,
 one chunk in flight, every byte checked, then closes.  A run is one storm:
 "seconds" from the first connect to the last close (the column to read),
 "rps" connections per second, p50/p99 a connection's life from connect()
-to close(), CPU per request the server's CPU per connection.
+to close(), CPU per request the server's CPU per connection, and
+"listen_overflows" the SYNs the kernel dropped for want of room in the
+listen queue meanwhile (TcpExtListenOverflows, machine-wide).
 
 A loop named mtloop:N runs mtloop with N I/O threads.  --clients K splits
 the connections over K load generators pinned to the last K CPUs (requests
@@ -605,12 +607,32 @@ def wrk(port: int, sc: Scenario, seconds: float, cpu: int | None) -> dict:
 STORM_DEADLINE = 60.0  # seconds: a storm that takes longer fails its stragglers
 
 
+def listen_overflows() -> int | None:
+    """The kernel's count of connections its listen queues had no room for
+    (TcpExtListenOverflows, machine-wide), or None where /proc does not
+    say."""
+    try:
+        lines = [ln.split() for ln in Path("/proc/net/netstat").read_text().splitlines()
+                 if ln.startswith("TcpExt:")]
+        return int(dict(zip(lines[0], lines[1]))["ListenOverflows"])
+    except (OSError, IndexError, KeyError, ValueError):
+        return None
+
+
 def run_storm(binary: Path, loop: str, sc: Scenario, cpus: list[int | None]) -> dict:
     """One storm: "seconds" from the first connect to the last close,
-    "rps" connections per second, p50/p99 a connection's whole life."""
+    "rps" connections per second, p50/p99 a connection's whole life, and
+    "listen_overflows" the SYNs the kernel dropped meanwhile (each costs
+    its client a second; machine-wide, so the count is the run's only on
+    an otherwise quiet machine)."""
     server = Server(loop, sc)
-    return measure(server, lambda s: loadgen(binary, server.port, sc, STORM_DEADLINE, cpus),
-                   STORM_DEADLINE)
+    before = listen_overflows()
+    r = measure(server, lambda s: loadgen(binary, server.port, sc, STORM_DEADLINE, cpus),
+                STORM_DEADLINE)
+    after = listen_overflows()
+    if before is not None and after is not None:
+        r["listen_overflows"] = after - before
+    return r
 
 
 def run_http(loop: str, sc: Scenario, seconds: float, cpus: list[int | None]) -> dict:
@@ -661,7 +683,7 @@ def run_idle(loop: str, sc: Scenario, seconds: float) -> dict:
 ECHO_KEYS = ("rps", "p50_us", "p99_us", "loop_cpu_us_per_req", "cpu_us_per_req", "peak_rss_mib")
 IDLE_KEYS = ("rss_per_conn_kib", "idle_cpu_pct")
 PROC_KEYS = ECHO_KEYS + ("max_gap_us",)
-STORM_KEYS = ECHO_KEYS + ("seconds",)
+STORM_KEYS = ECHO_KEYS + ("seconds", "listen_overflows")
 UDP_KEYS = ECHO_KEYS + ("lost",)
 
 
@@ -951,7 +973,8 @@ def main() -> int:
                     continue
                 runs[loop].append(r)
                 unit = "conn" if sc.storm else UNITS.get(sc.mode, "req")
-                took = f"{r['seconds']:.2f} s, " if sc.storm else ""
+                took = (f"{r['seconds']:.2f} s, {r.get('listen_overflows', '?')} SYNs dropped, "
+                        if sc.storm else "")
                 summary = (f"{r['rss_per_conn_kib']:.1f} KiB/conn, {r['idle_cpu_pct']:.2f}% CPU"
                            if sc.idle else
                            f"{r['rps']:,.0f} {unit}/s, {took}p99 {r['p99_us']:.0f} us, "
