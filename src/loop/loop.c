@@ -1105,8 +1105,9 @@ static PyMemberDef loop_members[] = {
 
 /* create_future() and get_debug() in C: the stock ones are Python frames,
  * and every await of a stream read makes a future, whose __init__ calls
- * get_debug() (a storm of 10,000 streams spent 3% of the loop thread's
- * instructions in the two frames). */
+ * get_debug() (under cProfile, a storm of 2,000 streams spent about 2% of
+ * the loop thread's time in these two frames and the transport's
+ * is_closing(), which moved to C with them). */
 static PyObject *future_type; /* asyncio.futures.Future, as asyncio's create_future() */
 static PyObject *loop_kwname; /* ("loop",) */
 
