@@ -307,8 +307,7 @@ async def serve(args: argparse.Namespace) -> None:
 
     if args.mode == "protocol":
         server = await loop.create_server(lambda: EchoProtocol(args), sock=sock,
-                                          backlog=args.backlog,
-                                          ssl=sslctx)
+                                          backlog=args.backlog, ssl=sslctx)
     elif args.mode == "buffered":
         server = await loop.create_server(lambda: EchoBufferedProtocol(args), sock=sock,
                                           backlog=args.backlog, ssl=sslctx)

@@ -1209,17 +1209,21 @@ static uint64_t storm_next_chunk(struct storm_conn *s)
     return n < left ? n : left;
 }
 
-static void storm_end(struct storm_conn *s, bool ok, const char *fmt, ...)
+static void storm_close(struct storm_conn *s)
 {
-    if (!ok) {
-        va_list ap;
-        va_start(ap, fmt);
-        count_error(s->id, fmt, ap);
-        va_end(ap);
-    }
-    close(s->fd);
+    if (s->fd >= 0)
+        close(s->fd);
     s->fd = -1;
     g.alive--;
+}
+
+static void storm_fail(struct storm_conn *s, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    count_error(s->id, fmt, ap);
+    va_end(ap);
+    storm_close(s);
 }
 
 static void storm_write(struct storm_conn *s)
@@ -1234,7 +1238,7 @@ static void storm_write(struct storm_conn *s)
             if (errno == EINTR)
                 continue;
             if (errno != EAGAIN && errno != EWOULDBLOCK)
-                storm_end(s, false, "send: %s", strerror(errno));
+                storm_fail(s, "send: %s", strerror(errno));
             return;             /* EPOLLOUT (edge-triggered) brings us back */
         }
         s->sent += (uint64_t)n;
@@ -1249,16 +1253,16 @@ static void storm_read(struct storm_conn *s)
             if (errno == EINTR)
                 continue;
             if (errno != EAGAIN && errno != EWOULDBLOCK)
-                storm_end(s, false, "recv: %s", strerror(errno));
+                storm_fail(s, "recv: %s", strerror(errno));
             return;
         }
         if (n == 0) {
-            storm_end(s, false, "closed by the server after %llu of %llu bytes",
+            storm_fail(s, "closed by the server after %llu of %llu bytes",
                       (unsigned long long)s->echoed, (unsigned long long)opt.size);
             return;
         }
         if (s->echoed + (uint64_t)n > s->sent) {
-            storm_end(s, false, "received %llu bytes more than were sent",
+            storm_fail(s, "received %llu bytes more than were sent",
                       (unsigned long long)(s->echoed + (uint64_t)n - s->sent));
             return;
         }
@@ -1267,7 +1271,7 @@ static void storm_read(struct storm_conn *s)
             size_t i = 0;
             while (g.ebuf[i] == g.rbuf[i])
                 i++;
-            storm_end(s, false, "echo mismatch at offset %llu",
+            storm_fail(s, "echo mismatch at offset %llu",
                       (unsigned long long)(s->echoed + i));
             return;
         }
@@ -1278,7 +1282,7 @@ static void storm_read(struct storm_conn *s)
             uint64_t t = now_ns();
             hist_record(&g.hist, t - s->started);
             g.requests++;
-            storm_end(s, true, NULL);
+            storm_close(s);
             return;
         }
         s->chunk_end += storm_next_chunk(s);
@@ -1298,7 +1302,7 @@ static void storm_event(struct storm_conn *s, uint32_t events)
         if (getsockopt(s->fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
             err = errno;
         if (err != 0 || (events & (EPOLLERR | EPOLLHUP))) {
-            storm_end(s, false, "connect: %s", strerror(err ? err : ECONNRESET));
+            storm_fail(s, "connect: %s", strerror(err ? err : ECONNRESET));
             return;
         }
         if (!(events & EPOLLOUT))
@@ -1327,24 +1331,24 @@ static int run_storm(void)
         s->id = (uint32_t)i;
         s->rng = mix64(i + 1) | 1;
         s->started = now_ns();
+        g.alive++;
         s->fd = socket(g.family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
         if (s->fd < 0) {
-            perror(PROG ": socket");
-            return 1;
+            storm_fail(s, "socket: %s", strerror(errno));
+            continue;
         }
-        g.alive++;
         int one = 1;
         (void)setsockopt(s->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
         int rc = connect(s->fd, (struct sockaddr *)&g.addr, g.addrlen);
         if (rc < 0 && errno != EINPROGRESS && errno != EINTR) {
-            storm_end(s, false, "connect: %s", strerror(errno));
+            storm_fail(s, "connect: %s", strerror(errno));
             continue;
         }
         s->connecting = true;
         struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET,
                                  .data.ptr = s};
         if (epoll_ctl(g.epfd, EPOLL_CTL_ADD, s->fd, &ev) < 0) {
-            storm_end(s, false, "epoll_ctl: %s", strerror(errno));
+            storm_fail(s, "epoll_ctl: %s", strerror(errno));
             continue;
         }
     }
@@ -1364,7 +1368,7 @@ static int run_storm(void)
     g.phase = PH_DONE;
     for (uint64_t i = 0; i < opt.connections; i++)
         if (conns[i].fd >= 0)
-            storm_end(&conns[i], false, "unfinished after %.1f s (%llu of %llu bytes echoed)",
+            storm_fail(&conns[i], "unfinished after %.1f s (%llu of %llu bytes echoed)",
                       opt.duration, (unsigned long long)conns[i].echoed,
                       (unsigned long long)opt.size);
     free(conns);

@@ -63,16 +63,15 @@ static inline int64_t mt_read_charge(size_t n)
  * handed to the loop, so a flow whose messages keep one size is read with
  * no copy on the I/O thread (a fixed 128 KiB block copied every read of up
  * to 32 KiB into a record of its own: a sixth of all the bytes copied in
- * a storm of 10,000 streams echoing in 8 KiB chunks).  A read of at most
- * MT_READ_COPY_MAX that fills under a quarter of its block still moves to
- * a record of its own size, so the big block goes straight back to the
- * thread's cache: with 1,000 connections of 10 KiB messages, keeping them
- * in 128 KiB blocks took the server's peak RSS to 52 MB (uvloop: 25) and
- * gave 49-58k requests/s against 56-59k. */
+ * callgrind's count of a storm of 300 streams echoing in 8 KiB chunks).  A
+ * read that fills under a quarter of its block still moves to a record of
+ * its own size, so the big block goes straight back to the thread's cache:
+ * with 1,000 connections of 10 KiB messages, keeping them in 128 KiB
+ * blocks took the server's peak RSS to 52 MB (uvloop: 25) and gave 49-58k
+ * requests/s against 56-59k. */
 #define MT_READ_MAX ((size_t)(128 * 1024) - sizeof(mt_msg))
 #define MT_READ_MAX_SHIFT 17 /* log2 of MT_READ_MAX's block */
 #define MT_READ_MIN_SHIFT 12 /* 4 KiB */
-#define MT_READ_COPY_MAX (32 * 1024)
 
 
 /* The largest write the loop thread sends itself when the I/O thread

@@ -351,20 +351,11 @@ static void run_filter(mt_io_thread *io, mt_flow *f)
 
 /* ---- the input side ------------------------------------------------------- */
 
-/* Reads straight into a completion record the size of one pool block, so
- * a large read is copied once (kernel to record) before the loop makes
- * its bytes object.  A short read moves to a record of its own size and
- * the big one goes back to this thread's pool cache at once. */
-/* The next read's block, from what this one returned (see flow.h). */
-static void adapt_read_size(mt_flow *f, size_t n, size_t room)
-{
-    if (n == room && f->read_shift < MT_READ_MAX_SHIFT)
-        f->read_shift++;
-    else if (n + sizeof(mt_msg) <= ((size_t)1 << f->read_shift) / 4 &&
-             f->read_shift > MT_READ_MIN_SHIFT)
-        f->read_shift--;
-}
-
+/* Reads straight into a completion record the size of one pool block
+ * (sized per flow, see flow.h), so a read is copied once (kernel to
+ * record) before the loop makes its bytes object.  A read that fills
+ * under a quarter of its block moves to a record of its own size, and
+ * the block goes back to this thread's pool cache at once. */
 static void on_readable(mt_io_thread *io, mt_flow *f)
 {
     for (int round = 0; round < MT_READS_PER_EVENT; round++) {
@@ -383,8 +374,12 @@ static void on_readable(mt_io_thread *io, mt_flow *f)
         }
         ssize_t n = f->fd_ops->read(f, mt_msg_data(msg), room);
         if (n > 0) {
-            adapt_read_size(f, (size_t)n, room);
-            if ((size_t)n <= MT_READ_COPY_MAX && (size_t)n + sizeof(mt_msg) <= block / 4) {
+            bool sparse = (size_t)n + sizeof(mt_msg) <= block / 4;
+            if ((size_t)n == room && f->read_shift < MT_READ_MAX_SHIFT)
+                f->read_shift++; /* the next read's block: see flow.h */
+            else if (sparse && f->read_shift > MT_READ_MIN_SHIFT)
+                f->read_shift--;
+            if (sparse) {
                 mt_msg *small = mt_msg_new(MT_FLOW_DATA, &f->rec, (size_t)n);
                 if (small != NULL) {
                     memcpy(mt_msg_data(small), mt_msg_data(msg), (size_t)n);
