@@ -28,8 +28,10 @@ def new_event_loop(*, io_threads: int | None = None, native_tls: bool = True,
 
     ``io_threads`` is how many of the process's I/O threads the loop
     spreads its connections over (the pool grows to at least that many);
-    by default $MTLOOP_IO_THREADS, or the number of CPUs the process may
-    run on (its affinity mask) less one (at least 1, at most 8).
+    0 runs the loop's I/O on the loop thread itself, inside its wait, as
+    uvloop does (no thread, no handoff).  By default $MTLOOP_IO_THREADS,
+    or the number of CPUs the process may run on (its affinity mask) less
+    one (at most 8; 0, inline, on one CPU).
 
     ``native_tls``: TLS connections run their handshake and record crypto
     on the I/O threads wherever the SSLContext allows it (see
@@ -43,7 +45,8 @@ def new_event_loop(*, io_threads: int | None = None, native_tls: bool = True,
     that answers within the spin is served without a thread wakeup, which
     cuts round-trip latency at the cost of the CPU the spin burns; after 8
     spins in a row that catch nothing the loop stops spinning for a while,
-    so an idle loop sleeps as without it."""
+    so an idle loop sleeps as without it.  An inline loop (io_threads=0)
+    never spins: its I/O shows only in its wait."""
     return Loop(io_threads=io_threads, native_tls=native_tls, spin_us=spin_us)
 
 
@@ -75,7 +78,7 @@ def shutdown_runtime() -> None:
 
 
 def default_io_threads() -> int:
-    """The number of I/O threads a loop uses when not told otherwise."""
+    """The number of I/O threads a loop uses when not told otherwise (0: inline)."""
     return _mtloop.default_io_threads()
 
 

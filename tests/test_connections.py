@@ -435,3 +435,63 @@ def test_connect_accepted_socket_rejects_datagram(loop, run):
             udp.close()
 
     run(main())
+
+
+
+async def _resume_then_data(loop, connect):
+    """The order in which the task awaiting `connect(P)` resumes and P gets
+    the data its peer sent at once."""
+    events = []
+    got = loop.create_future()
+
+    class P(asyncio.Protocol):
+        def data_received(self, data):
+            events.append(("data", data))
+            if not got.done():
+                got.set_result(None)
+
+    tr = await connect(P)
+    events.append("resumed")
+    await asyncio.wait_for(got, 5)
+    tr.close()
+    return events
+
+
+@pytest.mark.uvloop_xfail("uvloop reads a socket passed as sock= before create_connection()'s "
+                          "caller resumes")
+def test_task_resumes_before_data_already_waiting(loop, run):
+    """Data already waiting on a socket given to create_connection(sock=)
+    reaches the protocol after the awaiting task resumes: the task's wakeup
+    was ready before the poll that reads the data, and asyncio runs what was
+    ready first (CPython's test_buffered_proto relies on it)."""
+    a, b = socket.socketpair()
+    with b:
+        b.sendall(b"early")
+
+        async def connect(proto):
+            return (await loop.create_connection(proto, sock=a))[0]
+
+        assert run(_resume_then_data(loop, connect)) == ["resumed", ("data", b"early")]
+
+
+def test_task_resumes_before_data_sent_on_accept(loop, run):
+    """The same with a server of the same loop that writes as soon as it
+    accepts."""
+
+    async def main():
+        async def greet(reader, writer):
+            writer.write(b"early")
+            writer.close()
+
+        srv = await asyncio.start_server(greet, "127.0.0.1", 0)
+
+        async def connect(proto):
+            return (await loop.create_connection(proto, *srv.sockets[0].getsockname()))[0]
+
+        try:
+            return await _resume_then_data(loop, connect)
+        finally:
+            srv.close()
+            await srv.wait_closed()
+
+    assert run(main()) == ["resumed", ("data", b"early")]

@@ -84,10 +84,13 @@ def _guard():
 
 @pytest.fixture
 def new_loop():
-    """new_loop(**kwargs) -> an mtloop loop, closed at teardown."""
+    """new_loop(**kwargs) -> an mtloop loop, closed at teardown; with at
+    least one I/O thread unless io_threads= says otherwise (these tests are
+    about the pool, and $MTLOOP_IO_THREADS=0 runs the suite inline)."""
     loops = []
 
     def make(**kwargs):
+        kwargs.setdefault("io_threads", max(1, mtloop.default_io_threads()))
         lp = mtloop.new_event_loop(**kwargs)
         loops.append(lp)
         return lp
@@ -394,16 +397,19 @@ def test_io_threads_attribute(new_loop):
     assert loop.io_threads == 3
 
 
-def test_default_io_threads(new_loop):
-    """Without io_threads (and without $MTLOOP_IO_THREADS set by this test),
-    a loop uses at least one I/O thread."""
-    loop = new_loop()
-    assert isinstance(loop.io_threads, int) and loop.io_threads >= 1
+def test_default_io_threads():
+    """Without io_threads a loop uses default_io_threads(), an int >= 0."""
+    loop = mtloop.new_event_loop()
+    try:
+        assert type(loop.io_threads) is int
+        assert loop.io_threads == mtloop.default_io_threads() >= 0
+    finally:
+        loop.close()
 
 
-@pytest.mark.parametrize("bad", [0, -1, -100])
-def test_io_threads_must_be_positive(bad):
-    """io_threads=0 or negative -> ValueError."""
+@pytest.mark.parametrize("bad", [-1, -100, 65])
+def test_io_threads_out_of_range(bad):
+    """io_threads negative or past the pool's maximum -> ValueError."""
     with pytest.raises(ValueError):
         mtloop.new_event_loop(io_threads=bad)
 
@@ -484,9 +490,77 @@ def test_io_threads_from_environment(tmp_path):
     proc = run_child(code, tmp_path, MTLOOP_IO_THREADS="3")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "3"
+    proc = run_child(code, tmp_path, MTLOOP_IO_THREADS="0")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "0"
     proc = run_child(code, tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert int(proc.stdout.strip()) == min(max(len(os.sched_getaffinity(0)) - 1, 1), 8)
+    assert int(proc.stdout.strip()) == min(max(len(os.sched_getaffinity(0)) - 1, 0), 8)
+
+
+def test_one_cpu_runs_inline(tmp_path):
+    """A process that may run on one CPU only gets inline loops by default
+    (io_threads 0: an I/O thread could only take turns with the loop
+    thread), which serve connections and start no I/O thread."""
+    code = """
+        import asyncio, os, mtloop
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+        loop = mtloop.new_event_loop()
+        async def echo(r, w):
+            w.write(await r.read(100)); await w.drain(); w.close()
+        async def main():
+            srv = await asyncio.start_server(echo, "127.0.0.1", 0)
+            r, w = await asyncio.open_connection(*srv.sockets[0].getsockname())
+            w.write(b"ping")
+            got = await r.read(100)
+            w.close(); srv.close(); await srv.wait_closed()
+            return got
+        got = loop.run_until_complete(main())
+        print(mtloop.default_io_threads(), loop.io_threads, got, mtloop.runtime_stats())
+        loop.close()
+    """
+    proc = run_child(code, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["0", "0", "b'ping'", "[]"]
+
+
+def test_inline_loop_moves_the_bytes_itself(new_loop):
+    """io_threads=0: 4 MB echoed between two transports of the loop; every
+    transport reports io_thread -1 (the loop's own runtime), no pool
+    thread's counters move, and the data arrives whole."""
+    loop = new_loop(io_threads=0)
+    assert loop.io_threads == 0
+    before = stats()
+    data = payload(4 * 1024 * 1024)
+    owners = set()
+
+    async def main():
+        class Echo(EchoServer):
+            def connection_made(self, transport):
+                owners.add(transport._core.io_thread)
+                super().connection_made(transport)
+
+        srv = await loop.create_server(Echo, "127.0.0.1", 0)
+        r, w = await asyncio.open_connection(*srv.sockets[0].getsockname())
+        owners.add(w.transport._core.io_thread)
+        w.write(data)
+        got = await r.readexactly(len(data))
+        w.close()
+        srv.close()
+        await srv.wait_closed()
+        return got
+
+    assert loop.inline_stats() is None  # no transport yet
+    assert run_on(loop, main()) == data
+    assert owners == {-1}
+    after = stats()
+    assert [(d["thread"], d["bytes_read"]) for d in before] == \
+        [(d["thread"], d["bytes_read"]) for d in after]
+    own = loop.inline_stats()
+    assert set(own) == STAT_KEYS - {"thread", "wakeups_sent", "wakeups_received", "native_id"}
+    assert own["bytes_read"] >= 2 * len(data) and own["bytes_written"] >= len(data), own
+    assert own["accepts"] == 1 and own["transports"] == 0 and own["listeners"] == 0, own
+    assert new_loop(io_threads=1).inline_stats() is None
 
 
 # --------------------------------------------------------------------------
@@ -696,7 +770,7 @@ def test_fork_child_new_loop_works_old_loop_refuses():
     child a NEW mtloop loop serves an echo (fresh runtime), while running a
     loop created before the fork raises RuntimeError mentioning fork.  The
     parent's loop keeps working."""
-    pre = mtloop.new_event_loop()
+    pre = mtloop.new_event_loop(io_threads=1)
     try:
         assert run_on(pre, echo_through(pre, b"before fork")) == b"before fork"
 
@@ -708,7 +782,7 @@ def test_fork_child_new_loop_works_old_loop_refuses():
                 assert "fork" in str(exc).lower(), f"RuntimeError without 'fork': {exc}"
             else:
                 raise AssertionError("a loop from before the fork ran in the child")
-            loop = mtloop.new_event_loop()
+            loop = mtloop.new_event_loop(io_threads=1)
             try:
                 got = run_on(loop, echo_through(loop, b"in the child"), timeout=15)
                 assert got == b"in the child", got

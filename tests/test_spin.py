@@ -67,7 +67,7 @@ def test_spinning_loop_serves_everything():
 def test_spin_catches_work_from_another_thread():
     """A thread hands the loop 300 callbacks, 0.2 ms apart: the loop, waiting
     with nothing else to do, spins (up to 2 ms) and catches them."""
-    loop = mtloop.new_event_loop(spin_us=2000)
+    loop = mtloop.new_event_loop(io_threads=1, spin_us=2000)
     done = loop.create_future()
     got = []
 
@@ -92,7 +92,7 @@ def test_spin_catches_work_from_another_thread():
 def test_idle_loop_stops_spinning():
     """300 waits for timers, no I/O: after 8 spins in a row that catch
     nothing the loop skips 64 waits, then 128, ...: at most 24 spins."""
-    loop = mtloop.new_event_loop(spin_us=100)
+    loop = mtloop.new_event_loop(io_threads=1, spin_us=100)
 
     async def main():
         for _ in range(300):
@@ -110,6 +110,22 @@ def test_no_spin_by_default():
     loop = mtloop.new_event_loop()
     try:
         loop.run_until_complete(asyncio.sleep(0.001))
+        assert loop._mt_spin_stats() == (0, 0, 0)
+    finally:
+        loop.close()
+
+
+def test_inline_loop_does_not_spin():
+    """With io_threads=0 the loop's I/O shows only in its own wait: a spin
+    could catch only call_soon_threadsafe(), so the loop never spins."""
+    loop = mtloop.new_event_loop(io_threads=0, spin_us=2000)
+
+    async def main():
+        for _ in range(50):
+            await asyncio.sleep(0.0002)
+
+    try:
+        loop.run_until_complete(main())
         assert loop._mt_spin_stats() == (0, 0, 0)
     finally:
         loop.close()
@@ -135,7 +151,7 @@ def test_spin_from_environment(tmp_path):
             "print(loop._mt_spin_stats()[0] > 0)\n"
             "loop.close()\n")
     for value, spins in (("50", "True"), ("bogus", "False"), ("-3", "False")):
-        env = dict(os.environ, MTLOOP_SPIN_US=value)
+        env = dict(os.environ, MTLOOP_SPIN_US=value, MTLOOP_IO_THREADS="1")
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                              text=True, timeout=60, cwd=tmp_path)
         assert out.returncode == 0, out.stderr

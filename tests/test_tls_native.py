@@ -762,11 +762,12 @@ def test_start_tls_takes_what_was_read_past_the_upgrade(certs, monkeypatch):
     reading (the I/O thread had read it already): it is the start of the
     TLS stream, fed to the SSL before the socket, and the handshake
     completes.  The loop thread is held while both the request and the
-    hello come, 0.1 s apart, so that they are two reads."""
+    hello come, 0.1 s apart, so that they are two reads (by an I/O thread:
+    inline, nothing reads while the loop thread is held)."""
     import time
 
     mtloop = _mtloop()
-    lp = mtloop.new_event_loop()
+    lp = mtloop.new_event_loop(io_threads=1)
     prefixes = []
     real_prefix = mtloop._mtloop.tls_session_prefix
 

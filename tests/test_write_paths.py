@@ -16,6 +16,8 @@ import os
 import socket
 import sys
 
+import pytest
+
 from netutil import recv_exactly
 
 
@@ -64,6 +66,26 @@ def test_mixed_sizes_arrive_in_order(loop, run):
         return got
 
     assert run(main()) == expected
+
+
+@pytest.mark.parametrize("size", [5, 200_000])
+def test_write_leaves_before_the_loop_runs_again(loop, run, size):
+    """write() on an idle connection sends at once, as asyncio's does: the
+    peer receives the first bytes while the loop thread is blocked in a
+    recv() right after it, before the loop runs again (an inline mtloop must
+    not wait for its next iteration; a threaded one's I/O thread sends)."""
+    data = os.urandom(size)
+
+    async def main():
+        transport, _, peer = await server_side(loop)
+        with peer:
+            peer.settimeout(5)
+            transport.write(data)
+            got = peer.recv(1024)  # blocks the loop thread
+            transport.close()
+        return got
+
+    assert run(main()) == data[:1024]
 
 
 def test_idle_and_busy_writes_keep_order(loop, run):

@@ -14,7 +14,8 @@
 #define MT_QUIET_BYTES_MAX ((uint64_t)1024 * 1024)
 
 struct mt_io_thread {
-    int index;                 /* immutable */
+    int index;                 /* immutable; -1 when inline */
+    bool is_inline;            /* immutable: run by its loop's thread */
     pthread_t thread;          /* immutable once started */
     _Atomic int refs;          /* the registry's, each record's, each loop's */
     mt_mpsc_queue commands;    /* any thread pushes; this thread pops */

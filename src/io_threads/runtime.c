@@ -101,6 +101,75 @@ static void on_waker(evutil_socket_t fd, short what, void *arg)
     mt_waker_drain(&io->waker);
 }
 
+static void snapshot_of(mt_io_thread *io, mt_io_snapshot *out)
+{
+    out->transports = atomic_load(&io->stats.transports);
+    out->listeners = atomic_load(&io->stats.listeners);
+    out->bytes_read = atomic_load(&io->stats.bytes_read);
+    out->bytes_written = atomic_load(&io->stats.bytes_written);
+    out->accepts = atomic_load(&io->stats.accepts);
+    out->commands = atomic_load(&io->stats.commands);
+    out->completions = atomic_load(&io->stats.completions);
+    out->wakeups_sent = atomic_load(&io->waker.wakeups_sent);
+    out->wakeups_received = atomic_load(&io->waker.wakeups_received);
+    out->native_id = atomic_load(&io->native_id);
+}
+
+/* ---- the inline runtime ------------------------------------------------- */
+
+/* An inline runtime is an mt_io_thread without a thread: its loop's thread
+ * runs it on the loop's own event base, between Python callbacks.  Its
+ * waker is never put to sleep, so a post never writes an eventfd: the loop
+ * runs the commands itself before it next waits (mt_io_inline_run). */
+mt_io_thread *mt_io_inline_new(struct event_base *base)
+{
+    mt_io_thread *io = calloc(1, sizeof(*io));
+    if (io == NULL)
+        return NULL;
+    io->index = -1;
+    io->is_inline = true;
+    atomic_init(&io->refs, 1); /* the loop's */
+    mt_mpsc_queue_init(&io->commands);
+    atomic_init(&io->stopped, false);
+    atomic_init(&io->waker.state, MT_WAKER_RUNNING);
+    io->waker.fd = -1;
+    atomic_init(&io->native_id, (long)gettid());
+    io->base = base;
+    atomic_fetch_add_explicit(&threads_allocated, 1, memory_order_relaxed);
+    return io;
+}
+
+bool mt_io_thread_is_inline(mt_io_thread *io) { return io->is_inline; }
+
+bool mt_io_inline_run(mt_io_thread *io)
+{
+    run_commands(io);
+    mt_io_thread_flush_batches(io);
+    return io->dirty_head != NULL || !mt_mpsc_queue_is_empty(&io->commands);
+}
+
+void mt_io_inline_flush(mt_io_thread *io)
+{
+    mt_io_thread_flush_batches(io);
+}
+
+void mt_io_inline_close(mt_io_thread *io, mt_sink *sink)
+{
+    /* As SINK_CLOSE on a thread: pending attaches first, so that no record
+     * outlives the loop, then every record lets go without RELEASED. */
+    run_commands(io);
+    mt_io_thread_drop_sink(io, sink);
+    mt_io_thread_flush_batches(io);
+    atomic_store_explicit(&io->stopped, true, memory_order_release);
+    io->base = NULL; /* the loop's, freed by the loop */
+    mt_io_thread_decref(io);
+}
+
+void mt_io_inline_snapshot(mt_io_thread *io, mt_io_snapshot *out)
+{
+    snapshot_of(io, out);
+}
+
 static void *io_main(void *arg)
 {
     mt_io_thread *io = arg;
@@ -319,21 +388,12 @@ bool mt_runtime_snapshot(int i, mt_io_snapshot *out)
 {
     pthread_mutex_lock(&rt.mu);
     mt_io_thread *io = i >= 0 && i < rt.n ? rt.threads[i] : NULL;
-    if (io != NULL) {
-        out->transports = atomic_load(&io->stats.transports);
-        out->listeners = atomic_load(&io->stats.listeners);
-        out->bytes_read = atomic_load(&io->stats.bytes_read);
-        out->bytes_written = atomic_load(&io->stats.bytes_written);
-        out->accepts = atomic_load(&io->stats.accepts);
-        out->commands = atomic_load(&io->stats.commands);
-        out->completions = atomic_load(&io->stats.completions);
-        out->wakeups_sent = atomic_load(&io->waker.wakeups_sent);
-        out->wakeups_received = atomic_load(&io->waker.wakeups_received);
-        out->native_id = atomic_load(&io->native_id);
-    }
+    if (io != NULL)
+        snapshot_of(io, out);
     pthread_mutex_unlock(&rt.mu);
     return io != NULL;
 }
+
 
 int mt_runtime_default_size(void)
 {
@@ -341,7 +401,7 @@ int mt_runtime_default_size(void)
     if (env != NULL && *env) {
         char *end;
         long v = strtol(env, &end, 10);
-        if (*end == '\0' && v >= 1 && v <= MT_IO_THREADS_MAX)
+        if (*end == '\0' && v >= 0 && v <= MT_IO_THREADS_MAX)
             return (int)v;
     }
     /* The CPUs this process may run on (taskset, cgroup cpusets), not all
@@ -352,10 +412,12 @@ int mt_runtime_default_size(void)
                     ? CPU_COUNT(&allowed)
                     : sysconf(_SC_NPROCESSORS_ONLN);
     /* One core stays with the loop thread; beyond 8 a single loop cannot
-     * feed more I/O threads than it already has. */
+     * feed more I/O threads than it already has.  On one CPU the loop runs
+     * its I/O itself (0: inline): a thread there could only take turns
+     * with it, at a context switch per handoff. */
     long n = cpus - 1;
-    if (n < 1)
-        n = 1;
+    if (n < 0)
+        n = 0;
     if (n > 8)
         n = 8;
     return (int)n;

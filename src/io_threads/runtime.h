@@ -47,6 +47,7 @@ typedef struct mt_sink mt_sink;
 typedef struct mt_record mt_record;
 typedef struct mt_msg mt_msg;
 struct mt_loop_ops; /* the loop's half of the seam: src/loop/loop.h */
+struct event_base;
 
 /* ---- messages: the envelope ---------------------------------------------- */
 
@@ -286,12 +287,39 @@ void mt_runtime_finalize(void);
 int mt_runtime_size(void);
 /* Copies thread i's counters; false if there is no such thread. */
 bool mt_runtime_snapshot(int i, mt_io_snapshot *out);
-/* The default pool size: $MTLOOP_IO_THREADS if valid, else from the CPU
- * count (never zero). */
+/* The default number of I/O threads for a loop: $MTLOOP_IO_THREADS if
+ * valid, else from the CPUs this process may use; 0 means inline. */
 int mt_runtime_default_size(void);
 /* Thread records allocated and not yet freed (started, stopped or
  * referenced): for tests. */
 int mt_runtime_threads_allocated(void);
+
+/* ---- the inline runtime ---------------------------------------------------
+ *
+ * A loop made with io_threads=0 runs its records itself: an mt_io_thread
+ * with no thread of its own, whose watches live on the loop's event base
+ * and whose handlers run on the loop thread, inside the loop's wait, as
+ * uvloop's do.  Nothing is handed between threads, so nothing wakes
+ * anyone: a post only queues (its waker never sleeps), and the loop runs
+ * the queue before each wait.  For machines where an I/O thread would
+ * share the loop thread's CPU: there each handoff costs a context switch.
+ * Loop thread only, all of it. */
+
+/* A runtime on `base` (the loop's), holding one reference for the loop;
+ * NULL when out of memory. */
+mt_io_thread *mt_io_inline_new(struct event_base *base);
+bool mt_io_thread_is_inline(mt_io_thread *io);
+/* Runs the commands posted since the last call and pushes the
+ * completions they made to the sink, without waking it.  True when work is
+ * left that must not wait for fd events. */
+bool mt_io_inline_run(mt_io_thread *io);
+/* Pushes the completions the handlers made in the loop's wait. */
+void mt_io_inline_flush(mt_io_thread *io);
+/* The loop is closing: every record lets go (no RELEASED; what was queued
+ * stays in `sink`), the runtime leaves the base and the loop's reference
+ * goes.  Records may hold theirs on. */
+void mt_io_inline_close(mt_io_thread *io, mt_sink *sink);
+void mt_io_inline_snapshot(mt_io_thread *io, mt_io_snapshot *out);
 
 /* Registers the fork handler; once, at module import. */
 void mt_runtime_init(void);

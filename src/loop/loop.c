@@ -521,6 +521,21 @@ static int run_ready_debug(mt_loop *self, PyObject *h)
     return rc;
 }
 
+/* Runs the first `n` handles of the ready queue. */
+static int run_handles(mt_loop *self, size_t n)
+{
+    for (size_t i = 0; i < n && !self->core_closed; i++) {
+        PyObject *h = mt_ready_queue_pop(&self->ready);
+        if (h == NULL)
+            break;
+        int res = self->debug ? run_ready_debug(self, h) : run_ready(self, h);
+        Py_DECREF(h);
+        if (res < 0)
+            return -1;
+    }
+    return 0;
+}
+
 /* Hands I/O threads' completions to their records' loop halves.  At most
  * a bounded batch per iteration, so a flood cannot starve timers. */
 static int drain_completions(mt_loop *self)
@@ -572,10 +587,26 @@ static void release_io(mt_loop *loop)
         mt_io_thread_decref(loop->io[i]);
 }
 
+/* The loop's inline runtime (io_threads=0), made on first use. */
+static mt_io_thread *inline_io(mt_loop *loop)
+{
+    if (!loop->io_acquired) {
+        loop->io[0] = mt_io_inline_new(loop->base);
+        if (loop->io[0] == NULL) {
+            PyErr_NoMemory();
+            return NULL;
+        }
+        loop->io_acquired = true;
+    }
+    return loop->io[0];
+}
+
 mt_io_thread *mt_loop_pick_io(mt_loop *loop)
 {
     if (mt_loop_check_usable(loop) < 0)
         return NULL;
+    if (loop->io_count == 0)
+        return inline_io(loop);
     unsigned i = loop->io_next++ % (unsigned)loop->io_count;
     if (!loop->io_acquired || mt_io_thread_stopped(loop->io[i])) {
         /* First use, or the pool was shut down and restarted since. */
@@ -632,9 +663,14 @@ static void close_sink(mt_loop *self)
     if (self->sink == NULL)
         return;
     if (self->fork_generation == mt_fork_generation() && self->io_acquired) {
-        Py_BEGIN_ALLOW_THREADS
-        mt_runtime_close_sink(self->sink, self->io, self->io_count);
-        Py_END_ALLOW_THREADS
+        if (self->io_count == 0) {
+            mt_io_inline_close(self->io[0], self->sink); /* takes the reference */
+            self->io_acquired = false;
+        } else {
+            Py_BEGIN_ALLOW_THREADS
+            mt_runtime_close_sink(self->sink, self->io, self->io_count);
+            Py_END_ALLOW_THREADS
+        }
         mt_msg *msg;
         while ((msg = mt_sink_pop(self->sink)) != NULL)
             msg->rec->loop_ops->discard(msg);
@@ -685,7 +721,8 @@ static inline void cpu_relax(void)
  * `*timeout` (>0) loses the time spun, so a timer is not made late. */
 static bool spin_for_work(mt_loop *self, double *timeout)
 {
-    if (self->spin_ns <= 0)
+    /* Inline I/O comes from the fds, which only the wait can see. */
+    if (self->spin_ns <= 0 || self->io_count == 0)
         return false;
     if (self->spin_skip > 0) {
         self->spin_skip--;
@@ -761,6 +798,21 @@ static PyObject *loop_spin_stats(mt_loop *self, PyObject *Py_UNUSED(ignored))
                          (unsigned long long)self->spins_skipped);
 }
 
+static PyObject *loop_inline_stats(mt_loop *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->io_count != 0 || !self->io_acquired)
+        Py_RETURN_NONE;
+    mt_io_snapshot snap;
+    mt_io_inline_snapshot(self->io[0], &snap);
+    return Py_BuildValue("{sKsKsKsKsKsKsK}", "transports", (unsigned long long)snap.transports,
+                         "listeners", (unsigned long long)snap.listeners, "bytes_read",
+                         (unsigned long long)snap.bytes_read, "bytes_written",
+                         (unsigned long long)snap.bytes_written, "accepts",
+                         (unsigned long long)snap.accepts, "commands",
+                         (unsigned long long)snap.commands, "completions",
+                         (unsigned long long)snap.completions);
+}
+
 static PyObject *loop_run_once(mt_loop *self, PyObject *Py_UNUSED(ignored))
 {
     if (self->core_closed)
@@ -776,9 +828,12 @@ static PyObject *loop_run_once(mt_loop *self, PyObject *Py_UNUSED(ignored))
         return NULL;
     drop_cancelled_timers(self);
     bool drained = drain_threadsafe(self);
+    /* Inline I/O: what the last callbacks asked for (writes, closes, new
+     * transports) is done before the wait, as uvloop does it. */
+    bool io_pending = self->io_count == 0 && self->io_acquired && mt_io_inline_run(self->io[0]);
 
     double timeout = -1.0;
-    if (mt_ready_queue_len(&self->ready) || self->stopping || !drained ||
+    if (mt_ready_queue_len(&self->ready) || self->stopping || !drained || io_pending ||
         !mt_mpsc_queue_is_empty(&self->sink->queue)) {
         timeout = 0.0;
     } else {
@@ -802,17 +857,22 @@ static PyObject *loop_run_once(mt_loop *self, PyObject *Py_UNUSED(ignored))
     }
     int rc = wait_for_events(self, timeout);
     mt_waker_awake(&self->sink->waker);
+    if (self->io_count == 0 && self->io_acquired)
+        mt_io_inline_flush(self->io[0]); /* what the wait's handlers made */
     if (rc < 0)
         return NULL;
 
+    /* The callbacks that were ready before the wait run first, then the
+     * I/O that came in it, then the timers that came due: asyncio's order.
+     * Completions are dispatched directly, not queued, so they go between
+     * the two runs of the ready queue. */
+    size_t nready = mt_ready_queue_len(&self->ready);
     if (mt_fd_watch_collect(self) < 0)
         return NULL;
     drain_threadsafe(self);
     /* Signal handlers (KeyboardInterrupt included) run here, as they would
      * when asyncio's select() returns with EINTR. */
     if (PyErr_CheckSignals() < 0)
-        return NULL;
-    if (drain_completions(self) < 0)
         return NULL;
 
     double end_time = mt_loop_time() + self->clock_resolution;
@@ -836,13 +896,14 @@ static PyObject *loop_run_once(mt_loop *self, PyObject *Py_UNUSED(ignored))
     /* Run what is ready now; what these callbacks schedule waits for the
      * next iteration, after another poll. */
     size_t ntodo = mt_ready_queue_len(&self->ready);
-    for (size_t i = 0; i < ntodo && !self->core_closed; i++) {
-        PyObject *h = mt_ready_queue_pop(&self->ready);
-        int res = self->debug ? run_ready_debug(self, h) : run_ready(self, h);
-        Py_DECREF(h);
-        if (res < 0)
-            return NULL;
-    }
+    if (run_handles(self, nready) < 0)
+        return NULL;
+    if (self->core_closed)
+        Py_RETURN_NONE;
+    if (drain_completions(self) < 0)
+        return NULL;
+    if (run_handles(self, ntodo - nready) < 0)
+        return NULL;
     Py_RETURN_NONE;
 }
 
@@ -1069,8 +1130,8 @@ static PyObject *loop_configure_io(mt_loop *self, PyObject *arg)
     long n = PyLong_AsLong(arg);
     if (n == -1 && PyErr_Occurred())
         return NULL;
-    if (n < 1 || n > MT_IO_THREADS_MAX) {
-        PyErr_Format(PyExc_ValueError, "io_threads must be between 1 and %d, not %ld",
+    if (n < 0 || n > MT_IO_THREADS_MAX) {
+        PyErr_Format(PyExc_ValueError, "io_threads must be between 0 and %d, not %ld",
                      MT_IO_THREADS_MAX, n);
         return NULL;
     }
@@ -1085,7 +1146,8 @@ static PyObject *loop_configure_io(mt_loop *self, PyObject *arg)
 
 static PyGetSetDef loop_getset[] = {
     {"io_threads", (getter)loop_get_io_threads, NULL,
-     "How many I/O threads this loop spreads its transports over.", NULL},
+     "How many I/O threads this loop spreads its transports over; 0: the loop "
+     "thread runs their I/O itself.", NULL},
     {"_stopping", (getter)loop_get_stopping, (setter)loop_set_stopping, NULL, NULL},
     {"_debug", (getter)loop_get_debug, (setter)loop_set_debug, NULL, NULL},
     {"_closed", (getter)loop_get_closed, (setter)loop_set_closed, NULL, NULL},
@@ -1141,6 +1203,10 @@ static PyMethodDef loop_methods[] = {
     {"_run_once", (PyCFunction)loop_run_once, METH_NOARGS, "Run one iteration."},
     {"_mt_set_spin", (PyCFunction)loop_set_spin, METH_O,
      "Spin up to this many microseconds before each wait (0: never)."},
+    {"inline_stats", (PyCFunction)loop_inline_stats, METH_NOARGS,
+     "With io_threads=0: the counters runtime_stats() gives for an I/O thread, for the "
+     "loop's own I/O (no thread or wakeup keys); None before the loop has a transport or "
+     "server, and for a loop with I/O threads."},
     {"_mt_spin_stats", (PyCFunction)loop_spin_stats, METH_NOARGS,
      "(spins, spins that caught work, waits that skipped spinning)."},
     {"_add_callback", (PyCFunction)loop_add_callback, METH_O, NULL},

@@ -364,17 +364,28 @@ static int on_blocked(mt_stream_core *self)
 static size_t direct_send(mt_stream_core *self, const char *buf, size_t len)
 {
     mt_flow *f = self->flow;
-    if (len > MT_DIRECT_SEND_MAX || self->closing || self->closed || self->sendfile_running ||
-        !f->fd_ops->loop_may_write)
+    /* With inline I/O (io_threads=0) this thread is the flow's I/O thread:
+     * every write is tried at once, whatever its size, as asyncio's is. */
+    bool inline_io = mt_io_thread_is_inline(f->rec.io);
+    if ((len > MT_DIRECT_SEND_MAX && !inline_io) || self->closing || self->closed ||
+        self->sendfile_running || !f->fd_ops->loop_may_write)
         return 0;
-    if (!mt_loop_idle(self->loop))
+    if (!inline_io && !mt_loop_idle(self->loop))
         return 0;
     if (atomic_load_explicit(&f->marks.flushed, memory_order_acquire) != self->out.queued)
         return 0;
-    if (!mt_io_thread_sleeping(f->rec.io) || mt_io_thread_stopped(f->rec.io))
+    if (!inline_io && (!mt_io_thread_sleeping(f->rec.io) || mt_io_thread_stopped(f->rec.io)))
         return 0;
     struct iovec iov = {.iov_base = (void *)buf, .iov_len = len};
     ssize_t n = f->fd_ops->writev(f, &iov, 1);
+    if (inline_io && (n >= 0 ? (size_t)n < len : errno == EAGAIN || errno == EWOULDBLOCK)) {
+        /* The kernel refused output, seen by the flow's own thread (this
+         * one): the protocol pauses at once if what is left passes the
+         * high-water mark, as asyncio's write() pauses it. */
+        atomic_store_explicit(&f->marks.output_full, true, memory_order_seq_cst);
+    }
+    if (n > 0 && inline_io) /* this thread writes the inline runtime's counters */
+        mt_counter_add(&mt_io_thread_stats(f->rec.io)->bytes_written, (uint64_t)n);
     if (n > 0)
         return (size_t)n;
     if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {

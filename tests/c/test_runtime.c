@@ -22,6 +22,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <event2/event.h>
+
 #define WAIT_MS 5000 /* a wait this long means a lost wakeup or a stuck thread */
 #define MAX_PRODUCERS 8
 #define MAX_FAKES 16384
@@ -459,20 +461,23 @@ static void test_default_size(void **state)
     long cpus = sched_getaffinity(0, sizeof(allowed), &allowed) == 0
                     ? CPU_COUNT(&allowed)
                     : sysconf(_SC_NPROCESSORS_ONLN);
-    int fallback = (int)(cpus - 1 < 1 ? 1 : cpus - 1 > 8 ? 8 : cpus - 1);
+    int fallback = (int)(cpus - 1 < 0 ? 0 : cpus - 1 > 8 ? 8 : cpus - 1);
 
     setenv("MTLOOP_IO_THREADS", "3", 1);
     assert_int_equal(mt_runtime_default_size(), 3);
     setenv("MTLOOP_IO_THREADS", "64", 1);
     assert_int_equal(mt_runtime_default_size(), 64);
-    const char *bad[] = {"0", "65", "-2", "abc", "3x", ""};
+    setenv("MTLOOP_IO_THREADS", "0", 1); /* inline */
+    assert_int_equal(mt_runtime_default_size(), 0);
+    const char *bad[] = {"65", "-2", "abc", "3x", ""};
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
         setenv("MTLOOP_IO_THREADS", bad[i], 1);
         assert_int_equal(mt_runtime_default_size(), fallback);
     }
     unsetenv("MTLOOP_IO_THREADS");
     assert_int_equal(mt_runtime_default_size(), fallback);
-    assert_true(fallback >= 1);
+    if (cpus == 1)
+        assert_int_equal(fallback, 0); /* one CPU: inline */
     if (copy) {
         setenv("MTLOOP_IO_THREADS", copy, 1);
         free(copy);
@@ -1729,6 +1734,115 @@ static void test_fork_and_finalize(void **state)
     assert_int_equal(mt_fork_generation(), gen); /* the parent's stays */
 }
 
+/* ---- the inline runtime ---------------------------------------------------- */
+
+static fake *g_watch_fake;
+
+static void on_inline_watch(mt_io_watch *w, unsigned events)
+{
+    char buf[16];
+    if ((events & MT_IO_READ) && read(w->fd, buf, sizeof(buf)) > 0)
+        fake_emit_op(w->io, g_watch_fake, FAKE_DONE, 77, true);
+}
+
+/* An inline runtime runs nothing by itself and wakes nobody: commands run
+ * on the caller's thread when it calls mt_io_inline_run, watches fire in
+ * the caller's own wait on its base, completions reach the sink at the
+ * next run or flush, and closing drops the sink's records without
+ * RELEASED and makes posts fail. */
+static void test_inline_runtime(void **state)
+{
+    (void)state;
+    int alloc0 = mt_runtime_threads_allocated();
+    struct event_base *base = event_base_new();
+    assert_non_null(base);
+    mt_io_thread *io = mt_io_inline_new(base);
+    assert_non_null(io);
+    assert_true(mt_io_thread_is_inline(io));
+    assert_int_equal(mt_io_thread_index(io), -1);
+    assert_ptr_equal(mt_io_thread_base(io), base);
+    assert_int_equal(mt_runtime_threads_allocated(), alloc0 + 1);
+    mt_sink *sink = mt_sink_new();
+    assert_non_null(sink);
+    fake *f = fake_new(sink, io);
+    int id = f->id;
+
+    assert_true(mt_record_signal(&f->rec, FK_ATTACH));
+    post1(f, (payload){.op = OP_EMIT, .count = 3, .ack = 1, .seq = 9});
+    /* Nothing ran, and the post wrote no eventfd (there is none). */
+    assert_int_equal(atomic_load(&f->handled), 0);
+    assert_int_equal(atomic_load(&io->waker.wakeups_sent), 0);
+    assert_false(mt_io_thread_sleeping(io));
+    assert_true(mt_mpsc_queue_is_empty(&sink->queue));
+
+    assert_false(mt_io_inline_run(io)); /* nothing left over */
+    assert_int_equal(atomic_load(&f->handled), 1);
+    assert_int_equal(atomic_load(&f->thread), (unsigned long)pthread_self());
+    assert_int_equal(atomic_load(&f->owned), 1);
+    assert_true(atomic_load(&f->bits_seen) & FK_ATTACH);
+    for (uint64_t i = 0; i < 3; i++) {
+        mt_msg *d = mt_sink_pop(sink);
+        assert_non_null(d);
+        assert_int_equal(d->op, FAKE_DONE);
+        assert_int_equal(done_data(d).seq, i);
+        mt_msg_free(d);
+    }
+    mt_msg *ack = mt_sink_pop(sink);
+    assert_non_null(ack);
+    assert_int_equal(ack->op, FAKE_ACK);
+    assert_int_equal(done_data(ack).seq, 9);
+    mt_msg_free(ack);
+    assert_null(mt_sink_pop(sink));
+    assert_int_equal(atomic_load(&sink->waker.wakeups_sent), 0);
+
+    /* A watch fires in the owner's wait on the base; its completion is
+     * held until the flush. */
+    int p[2];
+    assert_int_equal(pipe2(p, O_NONBLOCK | O_CLOEXEC), 0);
+    mt_io_watch w;
+    g_watch_fake = f;
+    assert_int_equal(mt_io_watch_open(&w, io, p[0], on_inline_watch), 0);
+    assert_int_equal(mt_io_watch_set(&w, MT_IO_READ), 0);
+    assert_int_equal(write(p[1], "x", 1), 1);
+    assert_int_equal(event_base_loop(base, EVLOOP_ONCE), 0);
+    assert_null(mt_sink_pop(sink));
+    mt_io_inline_flush(io);
+    mt_msg *d = mt_sink_pop(sink);
+    assert_non_null(d);
+    assert_int_equal(done_data(d).seq, 77);
+    mt_msg_free(d);
+    mt_io_watch_close(&w);
+    close(p[0]);
+    close(p[1]);
+
+    /* Closing: the record is dropped without RELEASED, queued work first. */
+    post1(f, (payload){.op = OP_NOP});
+    mt_io_inline_close(io, sink);
+    assert_int_equal(atomic_load(&f->handled), 2);
+    assert_int_equal(atomic_load(&f->drops), 1);
+    assert_int_equal(atomic_load(&f->drops_notify), 0);
+    assert_int_equal(atomic_load(&f->drop_bad), 0);
+    assert_false(f->rec.attached);
+    d = mt_sink_pop(sink);
+    assert_non_null(d);
+    assert_int_equal(d->op, FAKE_DROPPED);
+    mt_msg_free(d);
+    assert_null(mt_sink_pop(sink));
+    assert_true(mt_io_thread_stopped(io));
+    mt_msg *late = cmd_make(f, (payload){.op = OP_NOP});
+    assert_false(mt_io_thread_post(io, late, late));
+    mt_msg_free(late);
+    assert_int_equal(atomic_load(&f->bad), 0);
+
+    /* The record's references outlive the loop's. */
+    assert_int_equal(mt_runtime_threads_allocated(), alloc0 + 1);
+    mt_record_decref(&f->rec);
+    assert_int_equal(destroyed(id), 1);
+    assert_int_equal(mt_runtime_threads_allocated(), alloc0);
+    mt_sink_decref(sink);
+    event_base_free(base);
+}
+
 int main(void)
 {
     mt_runtime_init();
@@ -1749,6 +1863,7 @@ int main(void)
         cmocka_unit_test(test_thread_lifetime),
         cmocka_unit_test(test_push_keeps_sink_alive),
         cmocka_unit_test(test_fork_and_finalize),
+        cmocka_unit_test(test_inline_runtime),
     };
     int rc = cmocka_run_group_tests(tests, NULL, NULL);
     mt_runtime_shutdown();
