@@ -30,8 +30,8 @@ def new_event_loop(*, io_threads: int | None = None, native_tls: bool = True,
     spreads its connections over (the pool grows to at least that many);
     0 runs the loop's I/O on the loop thread itself, inside its wait, as
     uvloop does (no thread, no handoff).  By default $MTLOOP_IO_THREADS,
-    or the number of CPUs the process may run on (its affinity mask) less
-    one (at most 8; 0, inline, on one CPU).
+    or the number of CPUs the process may use (its affinity mask, capped
+    by its cgroup's CPU quota) less one (at most 8; 0, inline, on one CPU).
 
     ``native_tls``: TLS connections run their handshake and record crypto
     on the I/O threads wherever the SSLContext allows it (see

@@ -478,9 +478,10 @@ def run_child(code, tmp_path, timeout=60, **env):
 
 
 def test_io_threads_from_environment(tmp_path):
-    """$MTLOOP_IO_THREADS sets the default io_threads; without it the default
-    is the number of CPUs the process may run on (its affinity mask) less
-    one (the loop thread's core), between 1 and 8."""
+    """$MTLOOP_IO_THREADS sets the default io_threads (0: inline); without it
+    the default is the number of CPUs the process may use (its affinity
+    mask, capped by its cgroup's CPU quota) less one (the loop thread's
+    core), between 0 and 8."""
     code = """
         import os, mtloop
         loop = mtloop.new_event_loop()
@@ -495,7 +496,8 @@ def test_io_threads_from_environment(tmp_path):
     assert proc.stdout.strip() == "0"
     proc = run_child(code, tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert int(proc.stdout.strip()) == min(max(len(os.sched_getaffinity(0)) - 1, 0), 8)
+    assert int(proc.stdout.strip()) == min(max(mtloop._mtloop.cpus_usable() - 1, 0), 8)
+    assert 1 <= mtloop._mtloop.cpus_usable() <= len(os.sched_getaffinity(0))
 
 
 def test_one_cpu_runs_inline(tmp_path):
@@ -522,6 +524,62 @@ def test_one_cpu_runs_inline(tmp_path):
     proc = run_child(code, tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["0", "0", "b'ping'", "[]"]
+
+
+def _cpu_cgroup_parent():
+    """(directory to make a child cgroup in, its version), or a skip."""
+    for mount in ("/sys/fs/cgroup/cpu,cpuacct", "/sys/fs/cgroup/cpu"):
+        if os.access(os.path.join(mount, "cpu.cfs_quota_us"), os.R_OK) and os.access(mount, os.W_OK):
+            return mount, 1
+    try:
+        with open("/sys/fs/cgroup/cgroup.subtree_control") as f:
+            if "cpu" in f.read().split() and os.access("/sys/fs/cgroup", os.W_OK):
+                return "/sys/fs/cgroup", 2
+    except OSError:
+        pass
+    pytest.skip("no writable cgroup with the cpu controller (needs root and cgroup v1's cpu "
+                "mount or v2's cpu controller at /sys/fs/cgroup)")
+
+
+@pytest.mark.parametrize("quota_us,usable", [(100_000, 1), (150_000, 2)])
+def test_cgroup_cpu_quota_caps_the_default(tmp_path, quota_us, usable):
+    """A process whose cgroup may use one CPU's worth of time (docker
+    --cpus=1) sees every CPU in its affinity mask, but gets inline loops;
+    with 1.5 CPUs' worth, 2 usable CPUs and one I/O thread."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 CPUs to tell the quota from the affinity mask")
+    parent, version = _cpu_cgroup_parent()
+    group = os.path.join(parent, f"mtloop-test-{os.getpid()}")
+    try:
+        os.mkdir(group)
+    except OSError as exc:
+        pytest.skip(f"cannot make a cgroup in {parent}: {exc}")
+    try:
+        if version == 1:
+            with open(os.path.join(group, "cpu.cfs_period_us"), "w") as f:
+                f.write("100000")
+            with open(os.path.join(group, "cpu.cfs_quota_us"), "w") as f:
+                f.write(str(quota_us))
+        else:
+            with open(os.path.join(group, "cpu.max"), "w") as f:
+                f.write(f"{quota_us} 100000")
+        code = f"""
+            import os
+            with open({os.path.join(group, "cgroup.procs")!r}, "w") as f:
+                f.write(str(os.getpid()))
+            import mtloop
+            loop = mtloop.new_event_loop()
+            print(len(os.sched_getaffinity(0)), mtloop._mtloop.cpus_usable(), loop.io_threads)
+            loop.close()
+        """
+        proc = run_child(code, tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        affinity, cpus, io_threads = map(int, proc.stdout.split())
+        assert affinity >= 2
+        assert cpus == usable
+        assert io_threads == usable - 1
+    finally:
+        os.rmdir(group)
 
 
 def test_inline_loop_moves_the_bytes_itself(new_loop):

@@ -2,9 +2,9 @@
  * process-wide registry of threads.  See runtime.h; records and messages
  * are in record.c, sinks in sink.c. */
 #include "io_threads/io_thread.h"
+#include "io_threads/cpu_budget.h"
 
 #include <errno.h>
-#include <sched.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -404,13 +404,10 @@ int mt_runtime_default_size(void)
         if (*end == '\0' && v >= 0 && v <= MT_IO_THREADS_MAX)
             return (int)v;
     }
-    /* The CPUs this process may run on (taskset, cgroup cpusets), not all
-     * the machine has: eight threads squeezed onto two allowed CPUs cost
-     * twice the CPU per request of one. */
-    cpu_set_t allowed;
-    long cpus = sched_getaffinity(0, sizeof(allowed), &allowed) == 0
-                    ? CPU_COUNT(&allowed)
-                    : sysconf(_SC_NPROCESSORS_ONLN);
+    /* The CPUs this process may run on (taskset, cgroup cpusets) and its
+     * cgroup's quota pays for, not all the machine has: eight threads
+     * squeezed onto two allowed CPUs cost twice the CPU per request of one. */
+    long cpus = mt_cpus_usable();
     /* One core stays with the loop thread; beyond 8 a single loop cannot
      * feed more I/O threads than it already has.  On one CPU the loop runs
      * its I/O itself (0: inline): a thread there could only take turns

@@ -4,6 +4,7 @@
 #include <event2/event.h>
 #include <structmember.h>
 
+#include "io_threads/cpu_budget.h"
 #include "io_threads/runtime.h"
 #include "loop/handle.h"
 #include "loop/loop.h"
@@ -169,6 +170,11 @@ static PyObject *default_io_threads(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(
     return PyLong_FromLong(mt_runtime_default_size());
 }
 
+static PyObject *cpus_usable(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(a))
+{
+    return PyLong_FromLong(mt_cpus_usable());
+}
+
 static PyMethodDef module_methods[] = {
     {"libevent_version", libevent_version, METH_NOARGS, "The libevent version in use."},
     {"runtime_stats", runtime_stats, METH_NOARGS,
@@ -180,7 +186,9 @@ static PyMethodDef module_methods[] = {
     {"_threads_allocated", threads_allocated, METH_NOARGS,
      "I/O thread records still allocated (running, or kept by a reference)."},
     {"default_io_threads", default_io_threads, METH_NOARGS,
-     "The pool size used when a loop does not ask for one."},
+     "The I/O threads a loop uses when it does not ask (0: inline)."},
+    {"cpus_usable", cpus_usable, METH_NOARGS,
+     "The CPUs of this process's affinity mask, capped by its cgroup's CPU quota."},
     {NULL, NULL, 0, NULL},
 };
 

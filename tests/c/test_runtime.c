@@ -11,6 +11,7 @@
 
 #include "io_threads/runtime.h"
 #include "io_threads/io_thread.h"
+#include "io_threads/cpu_budget.h"
 
 #include <fcntl.h>
 #include <poll.h>
@@ -457,10 +458,7 @@ static void test_default_size(void **state)
     (void)state;
     const char *saved = getenv("MTLOOP_IO_THREADS");
     char *copy = saved ? strdup(saved) : NULL;
-    cpu_set_t allowed;
-    long cpus = sched_getaffinity(0, sizeof(allowed), &allowed) == 0
-                    ? CPU_COUNT(&allowed)
-                    : sysconf(_SC_NPROCESSORS_ONLN);
+    long cpus = mt_cpus_usable();
     int fallback = (int)(cpus - 1 < 0 ? 0 : cpus - 1 > 8 ? 8 : cpus - 1);
 
     setenv("MTLOOP_IO_THREADS", "3", 1);
