@@ -24,6 +24,7 @@ interpreter exit) run a child Python.
 """
 
 import asyncio
+import ctypes
 import faulthandler
 import json
 import os
@@ -580,6 +581,42 @@ def test_cgroup_cpu_quota_caps_the_default(tmp_path, quota_us, usable):
         assert io_threads == usable - 1
     finally:
         os.rmdir(group)
+
+
+_MMAPPED_AFTER = """
+    import ctypes, sys
+    libc = ctypes.CDLL(None)
+    class Info(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+            "uordblks", "fordblks", "keepcost")]
+    libc.mallinfo2.restype = Info
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    if {imp}:
+        import mtloop
+    before = libc.mallinfo2().hblks
+    block = libc.malloc(400_000)
+    print(libc.mallinfo2().hblks - before)  # 1: the block came from mmap()
+    libc.free(block)
+"""
+
+
+def test_import_raises_the_malloc_threshold(tmp_path):
+    """Importing mtloop moves glibc's dynamic mmap threshold to 512 KiB, as
+    the first free of a 512 KiB mmap()ed block would: a 400 KB block then
+    comes from the heap.  MTLOOP_MALLOC_THRESHOLD=0 leaves malloc alone."""
+    if not hasattr(ctypes.CDLL(None), "mallinfo2"):
+        pytest.skip("needs glibc 2.33+ (mallinfo2)")
+    raised = run_child(_MMAPPED_AFTER.format(imp=True), tmp_path)
+    assert raised.returncode == 0, raised.stderr
+    assert raised.stdout.strip() == "0"
+    plain = run_child(_MMAPPED_AFTER.format(imp=False), tmp_path)
+    left = run_child(_MMAPPED_AFTER.format(imp=True), tmp_path, MTLOOP_MALLOC_THRESHOLD="0")
+    assert plain.returncode == 0 and left.returncode == 0, plain.stderr + left.stderr
+    # Where this Python's own start-up left the threshold below 400 KB, only
+    # mtloop's import moved it.
+    assert left.stdout.strip() == plain.stdout.strip()
 
 
 def test_inline_loop_moves_the_bytes_itself(new_loop):
