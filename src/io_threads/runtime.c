@@ -101,7 +101,7 @@ static void on_waker(evutil_socket_t fd, short what, void *arg)
     mt_waker_drain(&io->waker);
 }
 
-static void snapshot_of(mt_io_thread *io, mt_io_snapshot *out)
+void mt_io_thread_snapshot(mt_io_thread *io, mt_io_snapshot *out)
 {
     out->transports = atomic_load(&io->stats.transports);
     out->listeners = atomic_load(&io->stats.listeners);
@@ -163,11 +163,6 @@ void mt_io_inline_close(mt_io_thread *io, mt_sink *sink)
     atomic_store_explicit(&io->stopped, true, memory_order_release);
     io->base = NULL; /* the loop's, freed by the loop */
     mt_io_thread_decref(io);
-}
-
-void mt_io_inline_snapshot(mt_io_thread *io, mt_io_snapshot *out)
-{
-    snapshot_of(io, out);
 }
 
 static void *io_main(void *arg)
@@ -389,11 +384,10 @@ bool mt_runtime_snapshot(int i, mt_io_snapshot *out)
     pthread_mutex_lock(&rt.mu);
     mt_io_thread *io = i >= 0 && i < rt.n ? rt.threads[i] : NULL;
     if (io != NULL)
-        snapshot_of(io, out);
+        mt_io_thread_snapshot(io, out);
     pthread_mutex_unlock(&rt.mu);
     return io != NULL;
 }
-
 
 int mt_runtime_default_size(void)
 {

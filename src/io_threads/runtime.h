@@ -287,6 +287,8 @@ void mt_runtime_finalize(void);
 int mt_runtime_size(void);
 /* Copies thread i's counters; false if there is no such thread. */
 bool mt_runtime_snapshot(int i, mt_io_snapshot *out);
+/* Copies the counters of `io` (a pool thread or an inline runtime). */
+void mt_io_thread_snapshot(mt_io_thread *io, mt_io_snapshot *out);
 /* The default number of I/O threads for a loop: $MTLOOP_IO_THREADS if
  * valid, else from the CPUs this process may use; 0 means inline. */
 int mt_runtime_default_size(void);
@@ -319,7 +321,6 @@ void mt_io_inline_flush(mt_io_thread *io);
  * stays in `sink`), the runtime leaves the base and the loop's reference
  * goes.  Records may hold theirs on. */
 void mt_io_inline_close(mt_io_thread *io, mt_sink *sink);
-void mt_io_inline_snapshot(mt_io_thread *io, mt_io_snapshot *out);
 
 /* Registers the fork handler; once, at module import. */
 void mt_runtime_init(void);

@@ -587,6 +587,12 @@ static void release_io(mt_loop *loop)
         mt_io_thread_decref(loop->io[i]);
 }
 
+/* The loop's inline runtime when it has one in use, else NULL. */
+static mt_io_thread *inline_in_use(mt_loop *loop)
+{
+    return loop->io_count == 0 && loop->io_acquired ? loop->io[0] : NULL;
+}
+
 /* The loop's inline runtime (io_threads=0), made on first use. */
 static mt_io_thread *inline_io(mt_loop *loop)
 {
@@ -663,7 +669,7 @@ static void close_sink(mt_loop *self)
     if (self->sink == NULL)
         return;
     if (self->fork_generation == mt_fork_generation() && self->io_acquired) {
-        if (self->io_count == 0) {
+        if (inline_in_use(self) != NULL) {
             mt_io_inline_close(self->io[0], self->sink); /* takes the reference */
             self->io_acquired = false;
         } else {
@@ -800,10 +806,11 @@ static PyObject *loop_spin_stats(mt_loop *self, PyObject *Py_UNUSED(ignored))
 
 static PyObject *loop_inline_stats(mt_loop *self, PyObject *Py_UNUSED(ignored))
 {
-    if (self->io_count != 0 || !self->io_acquired)
+    mt_io_thread *io = inline_in_use(self);
+    if (io == NULL)
         Py_RETURN_NONE;
     mt_io_snapshot snap;
-    mt_io_inline_snapshot(self->io[0], &snap);
+    mt_io_thread_snapshot(io, &snap);
     return Py_BuildValue("{sKsKsKsKsKsKsK}", "transports", (unsigned long long)snap.transports,
                          "listeners", (unsigned long long)snap.listeners, "bytes_read",
                          (unsigned long long)snap.bytes_read, "bytes_written",
@@ -830,7 +837,8 @@ static PyObject *loop_run_once(mt_loop *self, PyObject *Py_UNUSED(ignored))
     bool drained = drain_threadsafe(self);
     /* Inline I/O: what the last callbacks asked for (writes, closes, new
      * transports) is done before the wait, as uvloop does it. */
-    bool io_pending = self->io_count == 0 && self->io_acquired && mt_io_inline_run(self->io[0]);
+    mt_io_thread *inline_rt = inline_in_use(self);
+    bool io_pending = inline_rt != NULL && mt_io_inline_run(inline_rt);
 
     double timeout = -1.0;
     if (mt_ready_queue_len(&self->ready) || self->stopping || !drained || io_pending ||
@@ -857,8 +865,8 @@ static PyObject *loop_run_once(mt_loop *self, PyObject *Py_UNUSED(ignored))
     }
     int rc = wait_for_events(self, timeout);
     mt_waker_awake(&self->sink->waker);
-    if (self->io_count == 0 && self->io_acquired)
-        mt_io_inline_flush(self->io[0]); /* what the wait's handlers made */
+    if (inline_rt != NULL)
+        mt_io_inline_flush(inline_rt); /* what the wait's handlers made */
     if (rc < 0)
         return NULL;
 
