@@ -19,6 +19,7 @@ import threading
 import pytest
 
 from netutil import (
+    BufRecorder,
     Endpoint,
     Recorder,
     pattern,
@@ -338,6 +339,27 @@ def test_paused_transport_reader_pauses_transport_writer(loop, run, tmp_path, fa
 # reader side: bounded memory
 
 
+async def flood_until_blocked(peer, chunk):
+    """Sends `chunk` over and over from the non-blocking socket `peer` until
+    it stays blocked (20 EAGAINs 10 ms apart); the bytes that went.  Fails
+    the test past MEMORY_BOUND: the reader is not really paused."""
+    sent = bytearray()
+    stalls = 0
+    while stalls < 20:
+        if len(sent) >= MEMORY_BOUND:
+            pytest.fail(f"the peer could send {len(sent)} bytes to a paused transport: "
+                        "reading is not really paused (unbounded buffering)")
+        try:
+            n = peer.send(chunk)
+        except BlockingIOError:
+            stalls += 1
+            await asyncio.sleep(0.01)
+            continue
+        stalls = 0
+        sent += chunk[:n]
+    return sent
+
+
 def test_paused_reader_bounds_what_the_sender_can_send(loop, run, endpoint_kind, tmp_path):
     """A transport paused with pause_reading() stops taking bytes off the
     socket: a raw peer sending non-blocking is blocked (EAGAIN for good)
@@ -350,21 +372,7 @@ def test_paused_reader_bounds_what_the_sender_can_send(loop, run, endpoint_kind,
         async with Endpoint(loop, endpoint_kind, tmp_path) as ep:
             t, p = ep.transport, ep.protocol
             t.pause_reading()
-            sent = bytearray()
-            stalls = 0
-            while stalls < 20:
-                if len(sent) >= MEMORY_BOUND:
-                    pytest.fail(
-                        f"the peer could send {len(sent)} bytes to a paused transport: "
-                        "reading is not really paused (unbounded buffering)")
-                try:
-                    n = ep.peer.send(chunk)
-                except BlockingIOError:
-                    stalls += 1
-                    await asyncio.sleep(0.01)
-                    continue
-                stalls = 0
-                sent += chunk[:n]
+            sent = await flood_until_blocked(ep.peer, chunk)
             assert p.kinds() == ["made"], "data_received while paused"
             t.resume_reading()
             got = await p.wait_bytes(len(sent))
@@ -388,24 +396,42 @@ def test_paused_mid_stream_bounds_what_the_sender_can_send(loop, run, endpoint_k
     async def main():
         async with Endpoint(loop, endpoint_kind, tmp_path, lambda: Pauser(loop)) as ep:
             t, p = ep.transport, ep.protocol
-            sent = bytearray()
-            stalls = 0
-            while stalls < 20:
-                if len(sent) >= MEMORY_BOUND:
-                    pytest.fail(f"the peer could send {len(sent)} bytes to a paused transport")
-                try:
-                    n = ep.peer.send(chunk)
-                except BlockingIOError:
-                    stalls += 1
-                    await asyncio.sleep(0.01)
-                    continue
-                stalls = 0
-                sent += chunk[:n]
+            sent = await flood_until_blocked(ep.peer, chunk)
             assert not t.is_reading()
             delivered = len(p.data)
             assert 0 < delivered <= len(sent)
             assert p.kinds().count("data") == 1
             # now let it flow: re-pausing happens on every chunk, so keep resuming
+            while len(p.data) < len(sent):
+                t.resume_reading()
+                await asyncio.sleep(0.001)
+                assert not p.lost.done()
+            assert bytes(p.data) == sent
+
+    run(main(), timeout=30)
+
+
+def test_buffered_protocol_paused_mid_stream(loop, run, endpoint_kind, tmp_path):
+    """A BufferedProtocol that calls pause_reading() inside buffer_updated()
+    while a raw peer floods gets no more buffer_updated() until it resumes,
+    what the sender can push stays bounded, and after resume_reading() every
+    byte arrives in order (with inline I/O the loop reads into the
+    protocol's buffer itself: the pause must stop that read)."""
+    chunk = pattern(1024 * 1024)
+
+    class Pauser(BufRecorder):
+        def buffer_updated(self, nbytes):
+            super().buffer_updated(nbytes)
+            if self.transport.is_reading():
+                self.transport.pause_reading()
+
+    async def main():
+        async with Endpoint(loop, endpoint_kind, tmp_path, lambda: Pauser(loop, 65536)) as ep:
+            t, p = ep.transport, ep.protocol
+            sent = await flood_until_blocked(ep.peer, chunk)
+            assert not t.is_reading()
+            assert p.events.count("buffer_updated") == 1
+            assert 0 < len(p.data) <= 65536
             while len(p.data) < len(sent):
                 t.resume_reading()
                 await asyncio.sleep(0.001)

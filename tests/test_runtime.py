@@ -652,10 +652,61 @@ def test_inline_loop_moves_the_bytes_itself(new_loop):
     assert [(d["thread"], d["bytes_read"]) for d in before] == \
         [(d["thread"], d["bytes_read"]) for d in after]
     own = loop.inline_stats()
-    assert set(own) == STAT_KEYS - {"thread", "wakeups_sent", "wakeups_received", "native_id"}
+    assert set(own) == STAT_KEYS - {"thread", "wakeups_sent", "wakeups_received",
+                                    "native_id"} | {"reads_direct"}
     assert own["bytes_read"] >= 2 * len(data) and own["bytes_written"] >= len(data), own
     assert own["accepts"] == 1 and own["transports"] == 0 and own["listeners"] == 0, own
+    assert own["reads_direct"] == 0, own  # two plain protocols: reads go through records
     assert new_loop(io_threads=1).inline_stats() is None
+
+
+def test_inline_buffered_protocol_reads_into_its_own_buffer(new_loop):
+    """io_threads=0: a BufferedProtocol's bytes are read straight into the
+    buffers its get_buffer() returns (inline_stats()'s reads_direct counts
+    them), each buffer_updated(n) within the buffer just handed out, and 2 MB
+    echoed through such a server come back whole, then EOF closes it."""
+    loop = new_loop(io_threads=0)
+    data = payload(2 * 1024 * 1024)
+    updates = []
+
+    class BufferedEcho(asyncio.BufferedProtocol):
+        def connection_made(self, transport):
+            self.transport = transport
+            self.buf = bytearray(8192)
+            self.closed = loop.create_future()
+
+        def get_buffer(self, sizehint):
+            return self.buf
+
+        def buffer_updated(self, nbytes):
+            updates.append(nbytes)
+            self.transport.write(bytes(self.buf[:nbytes]))
+
+        def connection_lost(self, exc):
+            self.closed.set_result(exc)
+
+    servers = []
+
+    def factory():
+        servers.append(BufferedEcho())
+        return servers[-1]
+
+    async def main():
+        srv = await loop.create_server(factory, "127.0.0.1", 0)
+        r, w = await asyncio.open_connection(*srv.sockets[0].getsockname())
+        w.write(data)
+        got = await r.readexactly(len(data))
+        w.close()
+        assert await asyncio.wait_for(servers[0].closed, 10) is None
+        srv.close()
+        await srv.wait_closed()
+        return got
+
+    assert run_on(loop, main()) == data
+    assert sum(updates) == len(data) and max(updates) <= 8192
+    own = loop.inline_stats()
+    # The server's reads only: the client is a streams protocol.
+    assert own["reads_direct"] >= len(data) // 8192, own
 
 
 # --------------------------------------------------------------------------

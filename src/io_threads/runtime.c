@@ -110,6 +110,7 @@ void mt_io_thread_snapshot(mt_io_thread *io, mt_io_snapshot *out)
     out->accepts = atomic_load(&io->stats.accepts);
     out->commands = atomic_load(&io->stats.commands);
     out->completions = atomic_load(&io->stats.completions);
+    out->reads_direct = atomic_load(&io->stats.reads_direct);
     out->wakeups_sent = atomic_load(&io->waker.wakeups_sent);
     out->wakeups_received = atomic_load(&io->waker.wakeups_received);
     out->native_id = atomic_load(&io->native_id);

@@ -258,11 +258,12 @@ typedef struct mt_io_stats {
     _Atomic uint64_t accepts;
     _Atomic uint64_t commands;
     _Atomic uint64_t completions;
+    _Atomic uint64_t reads_direct; /* inline only: reads into a protocol's own buffer */
 } mt_io_stats;
 
 typedef struct mt_io_snapshot {
     uint64_t transports, listeners, bytes_read, bytes_written, accepts, commands,
-        completions, wakeups_sent, wakeups_received;
+        completions, wakeups_sent, wakeups_received, reads_direct;
     long native_id;
 } mt_io_snapshot;
 

@@ -811,13 +811,14 @@ static PyObject *loop_inline_stats(mt_loop *self, PyObject *Py_UNUSED(ignored))
         Py_RETURN_NONE;
     mt_io_snapshot snap;
     mt_io_thread_snapshot(io, &snap);
-    return Py_BuildValue("{sKsKsKsKsKsKsK}", "transports", (unsigned long long)snap.transports,
+    return Py_BuildValue("{sKsKsKsKsKsKsKsK}", "transports", (unsigned long long)snap.transports,
                          "listeners", (unsigned long long)snap.listeners, "bytes_read",
                          (unsigned long long)snap.bytes_read, "bytes_written",
                          (unsigned long long)snap.bytes_written, "accepts",
                          (unsigned long long)snap.accepts, "commands",
                          (unsigned long long)snap.commands, "completions",
-                         (unsigned long long)snap.completions);
+                         (unsigned long long)snap.completions, "reads_direct",
+                         (unsigned long long)snap.reads_direct);
 }
 
 static PyObject *loop_run_once(mt_loop *self, PyObject *Py_UNUSED(ignored))
@@ -1213,8 +1214,9 @@ static PyMethodDef loop_methods[] = {
      "Spin up to this many microseconds before each wait (0: never)."},
     {"inline_stats", (PyCFunction)loop_inline_stats, METH_NOARGS,
      "With io_threads=0: the counters runtime_stats() gives for an I/O thread, for the "
-     "loop's own I/O (no thread or wakeup keys); None before the loop has a transport or "
-     "server, and for a loop with I/O threads."},
+     "loop's own I/O (no thread or wakeup keys), and reads_direct (reads made straight into "
+     "a BufferedProtocol's buffer); None before the loop has a transport or server, and for "
+     "a loop with I/O threads."},
     {"_mt_spin_stats", (PyCFunction)loop_spin_stats, METH_NOARGS,
      "(spins, spins that caught work, waits that skipped spinning)."},
     {"_add_callback", (PyCFunction)loop_add_callback, METH_O, NULL},

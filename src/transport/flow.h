@@ -73,6 +73,9 @@ static inline int64_t mt_read_charge(size_t n)
 #define MT_READ_MAX_SHIFT 17 /* log2 of MT_READ_MAX's block */
 #define MT_READ_MIN_SHIFT 12 /* 4 KiB */
 
+/* The reads one readiness event may take before other fds get their turn. */
+#define MT_READS_PER_EVENT 16
+
 
 /* The largest write the loop thread sends itself when the I/O thread
  * sleeps (stream_core.c); bigger ones are worth a wakeup. */
@@ -143,6 +146,7 @@ enum {
     MT_FLOW_SENDFILE_DONE,      /* payload: mt_flow_sendfile_done; err */
     MT_FLOW_OPENED,             /* a filter's opening finished (err: or failed,
                                    and RELEASED follows) */
+    MT_FLOW_READABLE,           /* read_direct: input waits for the loop */
     /* A command: a WRITE whose bytes stay in the loop's object (payload:
      * mt_flow_write_ref; len: the bytes').  Once sent or dropped the same
      * message comes back as the completion REF_DONE, which lets go of the
@@ -207,6 +211,8 @@ struct mt_flow {
     unsigned wait_hint;             /* set by an fd op with its EAGAIN (mt_fd_ops) */
     uint8_t read_shift;             /* log2 of the block the next read goes into */
     bool starved;                   /* out of read credit */
+    bool read_direct;               /* inline flows only: the loop reads the fd
+                                       itself on READABLE (mt_flow_set_read_direct) */
     bool read_done;                 /* EOF or a read error seen */
     bool shut_wr_pending, closing, closed, write_failed;
 };
@@ -220,6 +226,20 @@ mt_flow *mt_flow_new(const mt_fd_ops *fd_ops, const struct mt_loop_ops *loop_ops
 /* Drops one hold on the fd (the I/O thread's when it released the flow,
  * the loop half's when it lets go); the last closes it.  Any thread. */
 void mt_flow_drop_fd(mt_flow *f);
+
+/* ---- direct reads (inline I/O) --------------------------------------------- */
+
+/* A flow run inline (io_threads=0) is pumped by the loop thread itself, so
+ * its input need not pass through a completion record: with read_direct
+ * on, readiness emits READABLE and the loop reads into the protocol's own
+ * buffer (a BufferedProtocol's get_buffer()), one copy fewer, as uvloop
+ * reads.  Loop thread.  On only for an inline flow of a plain kind (no
+ * filter: TLS decrypts on the pump); a no-op otherwise. */
+void mt_flow_set_read_direct(mt_flow *f, bool on);
+/* Loop thread, on READABLE: one read() into `buf`, returning what the
+ * system call would.  At the end of the stream or on a hard error the flow
+ * stops watching for input, as the pump does. */
+ssize_t mt_flow_read_direct(mt_flow *f, void *buf, size_t len);
 
 /* ---- the handshakes (out_marks.h) ---------------------------------------- */
 
@@ -240,6 +260,10 @@ static inline bool mt_flow_note_full(mt_flow *f)
 /* `n` delivered bytes were consumed.  True when the caller must signal
  * MT_FLOW_CREDIT (reading had stopped for credit). */
 bool mt_flow_consumed(mt_flow *f, size_t n);
+/* Of a delivery of `n` bytes, all but `left` were consumed: the rest is
+ * charged as a delivery of its own (mt_flow_consumed(f, left) later).
+ * True as for mt_flow_consumed. */
+bool mt_flow_consumed_part(mt_flow *f, size_t n, size_t left);
 /* mt_out_arm_resume and mt_out_arm_blocked on the flow's marks. */
 static inline bool mt_flow_arm_resume(mt_flow *f, uint64_t mark)
 {

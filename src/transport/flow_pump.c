@@ -11,7 +11,6 @@
 #include <unistd.h>
 
 #define MT_MAX_IOV 64
-#define MT_READS_PER_EVENT 16
 
 _Static_assert(((size_t)1 << MT_READ_MAX_SHIFT) - sizeof(mt_msg) == MT_READ_MAX &&
                    MT_READ_MAX_SHIFT <= MT_POOL_MAX_SHIFT && MT_READ_MIN_SHIFT >= MT_POOL_MIN_SHIFT,
@@ -358,6 +357,10 @@ static void run_filter(mt_io_thread *io, mt_flow *f)
  * the block goes back to this thread's pool cache at once. */
 static void on_readable(mt_io_thread *io, mt_flow *f)
 {
+    if (f->read_direct) {
+        emit(io, f, MT_FLOW_READABLE, 0); /* the loop reads: see flow.h */
+        return;
+    }
     for (int round = 0; round < MT_READS_PER_EVENT; round++) {
         if (!mt_credit_available(&f->read_credit, MT_READ_CREDIT)) {
             f->starved = true;
@@ -445,6 +448,31 @@ static void on_watch(mt_io_watch *w, unsigned events)
             on_readable(io, f);
     }
     mt_record_decref(&f->rec);
+}
+
+void mt_flow_set_read_direct(mt_flow *f, bool on)
+{
+    f->read_direct = on && mt_io_thread_is_inline(f->rec.io) && f->fd_ops->open == NULL &&
+                     f->fd_ops->has_input == NULL;
+}
+
+ssize_t mt_flow_read_direct(mt_flow *f, void *buf, size_t len)
+{
+    mt_io_thread *io = f->rec.io;
+    ssize_t n;
+    do
+        n = f->fd_ops->read(f, buf, len);
+    while (n < 0 && errno == EINTR);
+    if (n > 0) {
+        mt_counter_add(&mt_io_thread_stats(io)->bytes_read, (uint64_t)n);
+        mt_counter_add(&mt_io_thread_stats(io)->reads_direct, 1);
+    } else if (n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK)) {
+        int err = errno;
+        f->read_done = true;
+        update_interest(io, f);
+        errno = err;
+    }
+    return n;
 }
 
 /* ---- lifetime ------------------------------------------------------------- */
@@ -633,4 +661,10 @@ mt_flow *mt_flow_new(const mt_fd_ops *fd_ops, const struct mt_loop_ops *loop_ops
 bool mt_flow_consumed(mt_flow *f, size_t n)
 {
     return mt_credit_return(&f->read_credit, mt_read_charge(n), MT_READ_CREDIT);
+}
+
+bool mt_flow_consumed_part(mt_flow *f, size_t n, size_t left)
+{
+    return mt_credit_return(&f->read_credit, mt_read_charge(n) - mt_read_charge(left),
+                            MT_READ_CREDIT);
 }

@@ -137,6 +137,17 @@ static void defer(mt_stream_core *self, mt_msg *msg)
     self->deferred_tail = msg;
 }
 
+/* Puts back a message undefer() took, ahead of the rest. */
+static void defer_front(mt_stream_core *self, mt_msg *msg)
+{
+    atomic_store_explicit(&msg->node.next,
+                          self->deferred_head ? &self->deferred_head->node : NULL,
+                          memory_order_relaxed);
+    self->deferred_head = msg;
+    if (self->deferred_tail == NULL)
+        self->deferred_tail = msg;
+}
+
 static mt_msg *undefer(mt_stream_core *self)
 {
     mt_msg *m = self->deferred_head;
@@ -243,53 +254,92 @@ static int deliver_bytes(mt_stream_core *self, const char *data, size_t n)
     return 0;
 }
 
-/* Fills the protocol's buffers.  When the protocol changes on the way
- * (set_protocol() in buffer_updated), the rest goes to the new one the
- * way it reads, as asyncio switches read paths with the protocol. */
-static int deliver_buffered(mt_stream_core *self, const char *data, size_t n)
+/* 1: `view` holds the protocol's next buffer (get_buffer(-1)), writable
+ * and not empty.  Otherwise the protocol failed: protocol_failed()'s
+ * result, and the caller stops. */
+static int protocol_buffer(mt_stream_core *self, Py_buffer *view)
 {
     static const char get_failed[] = "Fatal error: protocol.get_buffer() call failed.";
-    while (n > 0 && !self->closing) {
+    PyObject *hint = PyLong_FromLong(-1);
+    PyObject *buf = hint ? call_method_with(&self->get_buffer, self->protocol, "get_buffer",
+                                            hint)
+                         : NULL;
+    Py_XDECREF(hint);
+    if (buf == NULL)
+        return protocol_failed(self, get_failed);
+    int rc = PyObject_GetBuffer(buf, view, PyBUF_WRITABLE);
+    Py_DECREF(buf);
+    if (rc < 0)
+        return protocol_failed(self, get_failed);
+    if (view->len == 0) {
+        PyBuffer_Release(view);
+        PyErr_SetString(PyExc_RuntimeError, "get_buffer() returned an empty buffer");
+        return protocol_failed(self, get_failed);
+    }
+    return 1;
+}
+
+/* 1, or protocol_failed()'s result. */
+static int buffer_updated(mt_stream_core *self, size_t n)
+{
+    PyObject *nbytes = PyLong_FromSize_t(n);
+    PyObject *res = nbytes ? call_method_with(&self->buffer_updated, self->protocol,
+                                              "buffer_updated", nbytes)
+                           : NULL;
+    Py_XDECREF(nbytes);
+    if (res == NULL)
+        return protocol_failed(self, "Fatal error: protocol.buffer_updated() call failed.");
+    Py_DECREF(res);
+    return 1;
+}
+
+/* Fills the protocol's buffers, `*done` counting the bytes they took.
+ * When the protocol changes on the way (set_protocol() in
+ * buffer_updated), the rest goes to the new one the way it reads, as
+ * asyncio switches read paths with the protocol; pause_reading() there
+ * stops it. */
+static int deliver_buffered(mt_stream_core *self, const char *data, size_t n, size_t *done)
+{
+    while (n > 0 && !self->closing && !self->reading_paused) {
         if (!self->buffered)
             return self->protocol == Py_None ? 0 : deliver_bytes(self, data, n);
-        PyObject *hint = PyLong_FromLong(-1);
-        PyObject *buf = hint ? call_method_with(&self->get_buffer, self->protocol,
-                                                "get_buffer", hint)
-                             : NULL;
-        Py_XDECREF(hint);
-        if (buf == NULL)
-            return protocol_failed(self, get_failed);
         Py_buffer view;
-        int rc = PyObject_GetBuffer(buf, &view, PyBUF_WRITABLE);
-        Py_DECREF(buf);
-        if (rc < 0)
-            return protocol_failed(self, get_failed);
-        if (view.len == 0) {
-            PyBuffer_Release(&view);
-            PyErr_SetString(PyExc_RuntimeError, "get_buffer() returned an empty buffer");
-            return protocol_failed(self, get_failed);
-        }
+        int rc = protocol_buffer(self, &view);
+        if (rc <= 0)
+            return rc;
         size_t k = (size_t)view.len < n ? (size_t)view.len : n;
         memcpy(view.buf, data, k);
         PyBuffer_Release(&view);
         data += k;
         n -= k;
-        PyObject *nbytes = PyLong_FromSize_t(k);
-        PyObject *res = nbytes ? call_method_with(&self->buffer_updated, self->protocol,
-                                                  "buffer_updated", nbytes)
-                               : NULL;
-        Py_XDECREF(nbytes);
-        if (res == NULL)
-            return protocol_failed(self, "Fatal error: protocol.buffer_updated() call failed.");
-        Py_DECREF(res);
+        *done += k;
+        if ((rc = buffer_updated(self, k)) <= 0)
+            return rc;
     }
     return 0;
 }
 
 static int deliver_data(mt_stream_core *self, mt_msg *msg)
 {
-    int rc = self->buffered ? deliver_buffered(self, mt_msg_data(msg), msg->len)
-                            : deliver_bytes(self, mt_msg_data(msg), msg->len);
+    if (!self->buffered) {
+        int rc = deliver_bytes(self, mt_msg_data(msg), msg->len);
+        free_msg(self, msg);
+        return rc;
+    }
+    size_t done = 0;
+    int rc = deliver_buffered(self, mt_msg_data(msg), msg->len, &done);
+    if (rc == 0 && done < msg->len && self->reading_paused && !self->closing &&
+        self->flow != NULL) {
+        /* Paused inside buffer_updated(): the rest waits for
+         * resume_reading(), as asyncio reads no more while paused. */
+        size_t left = msg->len - done;
+        memmove(mt_msg_data(msg), (char *)mt_msg_data(msg) + done, left);
+        if (mt_flow_consumed_part(self->flow, msg->len, left) && !self->closed)
+            signal_flow(self, MT_FLOW_CREDIT);
+        msg->len = left;
+        defer_front(self, msg);
+        return 0;
+    }
     free_msg(self, msg);
     return rc;
 }
@@ -314,6 +364,50 @@ static int deliver_read(mt_stream_core *self, mt_msg *msg)
 static bool reading_held(mt_stream_core *self)
 {
     return self->reading_paused || self->deferred_head != NULL;
+}
+
+/* An inline flow's protocol reads into its own buffers (flow.h, direct
+ * reads) while it is a BufferedProtocol. */
+static void update_read_direct(mt_stream_core *self)
+{
+    if (self->flow != NULL)
+        mt_flow_set_read_direct(self->flow, self->buffered && !self->keep_held);
+}
+
+/* READABLE: reads into the protocol's buffers until the fd has no more,
+ * as asyncio's BufferedProtocol path reads, with the end of the stream or
+ * an error reported after the data before it.  Anything that stops it
+ * (pause_reading(), close(), a new protocol) leaves the rest in the
+ * kernel, and the level-triggered watch reports it again. */
+static int read_direct(mt_stream_core *self)
+{
+    mt_flow *f = self->flow;
+    for (int round = 0; round < MT_READS_PER_EVENT; round++) {
+        if (f == NULL || self->closed || self->closing || self->keep_held || !self->buffered || reading_held(self) ||
+            !f->read_direct)
+            return 0;
+        Py_buffer view;
+        int rc = protocol_buffer(self, &view);
+        if (rc <= 0)
+            return rc;
+        size_t room = (size_t)view.len;
+        ssize_t n = mt_flow_read_direct(f, view.buf, room);
+        int err = errno;
+        PyBuffer_Release(&view);
+        if (n > 0) {
+            if ((rc = buffer_updated(self, (size_t)n)) <= 0)
+                return rc;
+            if ((size_t)n < room)
+                return 0;
+            continue;
+        }
+        if (n == 0)
+            return call_transport(self, "_mt_eof", "()");
+        if (err == EAGAIN || err == EWOULDBLOCK)
+            return 0;
+        return call_transport(self, "_mt_read_error", "(i)", err);
+    }
+    return 0;
 }
 
 /* ---- write-side accounting ----------------------------------------------- */
@@ -690,6 +784,7 @@ static PyObject *core_hand_over(mt_stream_core *self, PyObject *Py_UNUSED(a))
         return NULL;
     }
     self->keep_held = true;
+    update_read_direct(self);
     set_want_read(self, false);
     begin_close(self);
     Py_RETURN_NONE;
@@ -831,6 +926,7 @@ static PyObject *core_set_protocol(mt_stream_core *self, PyObject *protocol)
 {
     if (set_protocol(self, protocol) < 0)
         return NULL;
+    update_read_direct(self);
     Py_RETURN_NONE;
 }
 
@@ -921,6 +1017,10 @@ static int stream_dispatch(mt_loop *loop, mt_msg *msg)
             defer(self, msg);
         else
             rc = deliver_read(self, msg);
+        break;
+    case MT_FLOW_READABLE:
+        mt_msg_free(msg);
+        rc = read_direct(self);
         break;
     case MT_FLOW_WRITE_ERROR:
         mt_msg_free(msg);
@@ -1060,6 +1160,7 @@ static PyObject *core_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         return NULL;
     }
     self->flow->rec.owner = self;
+    update_read_direct(self);
     self->transport = Py_NewRef(transport);
     mt_loop_link(loop, &self->flow->rec);
     signal_flow(self, MT_FLOW_ATTACH);
