@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-from typing import Any, Coroutine, TypeVar
+import functools
+import sys
+import warnings
+from typing import Any, Callable, Coroutine, TypeVar
 
 from . import _mtloop, _tls
 from ._loop import Loop
@@ -85,17 +88,72 @@ def default_io_threads() -> int:
 atexit.register(_mtloop._shutdown_at_exit)
 
 
-def run(main: Coroutine[Any, Any, _T], *, debug: bool | None = None) -> _T:
-    """Run a coroutine on a new mtloop loop, like asyncio.run()."""
+def run(main: Coroutine[Any, Any, _T], *, debug: bool | None = None,
+        loop_factory: Callable[..., asyncio.AbstractEventLoop] | None = None,
+        io_threads: int | None = None, **kwargs: Any) -> _T:
+    """Run a coroutine on a new mtloop loop, like asyncio.run() and uvloop.run().
+
+    ``loop_factory`` (default: new_event_loop) makes the loop; it gets
+    ``io_threads`` (when given) and any other keyword, so
+    ``mtloop.run(main(), io_threads=0, spin_us=50)`` runs with those
+    options.  As uvloop.run() insists on a uvloop loop, the loop must be an
+    mtloop.Loop (TypeError otherwise)."""
     if asyncio.events._get_running_loop() is not None:
         # Same check and message as asyncio.run(), before a Runner exists.
         raise RuntimeError("asyncio.run() cannot be called from a running event loop")
-    with asyncio.Runner(debug=debug, loop_factory=new_event_loop) as runner:
-        return runner.run(main)
+    if not asyncio.iscoroutine(main):
+        raise ValueError(f"a coroutine was expected, got {main!r}")
+    factory = new_event_loop if loop_factory is None else loop_factory
+    if io_threads is not None:
+        kwargs["io_threads"] = io_threads
+    if kwargs:
+        factory = functools.partial(factory, **kwargs)
+
+    async def on_mtloop() -> _T:
+        if not isinstance(asyncio.events._get_running_loop(), Loop):
+            main.close()
+            raise TypeError("mtloop.run() uses a non-mtloop event loop")
+        return await main
+
+    runner = asyncio.Runner(debug=debug, loop_factory=factory)
+    try:
+        runner.get_loop()  # the factory's errors come before anything awaits main
+    except BaseException:
+        main.close()
+        runner.close()
+        raise
+    with runner:
+        return runner.run(on_mtloop())
 
 
-class EventLoopPolicy(asyncio.DefaultEventLoopPolicy):
-    """An event loop policy whose new_event_loop() returns mtloop loops."""
+# Python 3.14 deprecates asyncio's policies (removal in 3.16) and warns when
+# asyncio.DefaultEventLoopPolicy is looked up; the class behind that name is
+# taken without the lookup, and mtloop's policy warns on use instead.
+_POLICIES_DEPRECATED = sys.version_info >= (3, 14)
+if _POLICIES_DEPRECATED:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        _PolicyBase = getattr(asyncio.events, "_DefaultEventLoopPolicy", None) or \
+            getattr(asyncio, "DefaultEventLoopPolicy")
+else:
+    _PolicyBase = asyncio.DefaultEventLoopPolicy
+
+
+class EventLoopPolicy(_PolicyBase):  # type: ignore[misc, valid-type]
+    """An event loop policy whose new_event_loop() returns mtloop loops,
+    made with the keywords given here (those of new_event_loop(), which
+    checks them when the policy makes its first loop)."""
+
+    def __init__(self, *, io_threads: int | None = None, native_tls: bool = True,
+                 spin_us: float | None = None) -> None:
+        if _POLICIES_DEPRECATED:
+            warnings.warn("'mtloop.EventLoopPolicy' is deprecated and slated for removal in "
+                          "Python 3.16, as asyncio's policies are; use mtloop.run() or "
+                          "asyncio.run(main, loop_factory=mtloop.new_event_loop)",
+                          DeprecationWarning, stacklevel=2)
+        super().__init__()
+        self._mt_options = {"io_threads": io_threads, "native_tls": native_tls,
+                            "spin_us": spin_us}
 
     def _loop_factory(self) -> Loop:  # type: ignore[override]
-        return new_event_loop()
+        return new_event_loop(**self._mt_options)

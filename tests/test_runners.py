@@ -196,3 +196,79 @@ def test_asyncio_run_loop_factory_with_tasks(loop_factory):
         return sum(await asyncio.gather(*(asyncio.sleep(0.001, i) for i in range(100))))
 
     assert asyncio.run(main(), loop_factory=loop_factory) == sum(range(100))
+
+
+# --------------------------------------------------------------------------
+# mtloop's own options through run() and the policy (uvloop.run()'s shape)
+
+
+def test_mtloop_run_hands_its_options_to_the_loop_factory():
+    """mtloop.run(io_threads=, **kwargs): the keywords reach the loop factory,
+    new_event_loop by default or the caller's."""
+    import mtloop
+
+    async def threads():
+        return asyncio.get_running_loop().io_threads
+
+    assert mtloop.run(threads(), io_threads=0) == 0
+    assert mtloop.run(threads(), io_threads=2, spin_us=10) == 2
+    seen = []
+
+    def factory(**kwargs):
+        seen.append(kwargs)
+        return mtloop.new_event_loop(**kwargs)
+
+    assert mtloop.run(threads(), loop_factory=factory, io_threads=1, native_tls=False) == 1
+    assert seen == [{"io_threads": 1, "native_tls": False}]
+    mtloop.run(threads(), loop_factory=factory)
+    assert seen[-1] == {}
+
+
+def _run_expecting(exc_type, match, coro_factory, **kwargs):
+    """mtloop.run() fails with exc_type, and the coroutine it was handed is
+    closed (no 'never awaited' warning)."""
+    import gc
+    import warnings
+
+    import mtloop
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(exc_type, match=match):
+            mtloop.run(coro_factory(), **kwargs)
+        gc.collect()
+    assert not [w for w in caught if "never awaited" in str(w.message)]
+    assert asyncio._get_running_loop() is None
+
+
+def test_mtloop_run_refuses_a_loop_that_is_not_mtloop():
+    _run_expecting(TypeError, "non-mtloop event loop", lambda: _info(),
+                   loop_factory=asyncio.new_event_loop)
+
+
+def test_mtloop_run_reports_the_factory_errors():
+    _run_expecting(ValueError, "io_threads must be between 0 and", lambda: _info(),
+                   io_threads=-1)
+    _run_expecting(TypeError, "unexpected keyword argument 'threads'", lambda: _info(),
+                   threads=1)
+
+
+def test_mtloop_run_wants_a_coroutine():
+    import mtloop
+
+    with pytest.raises(ValueError, match="a coroutine was expected"):
+        mtloop.run(asyncio.sleep)
+
+
+def test_mtloop_policy_makes_loops_with_its_options(restore_policy):
+    import mtloop
+
+    policy = mtloop.EventLoopPolicy(io_threads=0, spin_us=5)
+    asyncio.set_event_loop_policy(policy)
+    loop, _, _ = asyncio.run(_info())
+    assert isinstance(loop, mtloop.Loop) and loop.io_threads == 0
+    with pytest.raises(TypeError):
+        mtloop.EventLoopPolicy(threads=1)
+    bad = mtloop.EventLoopPolicy(io_threads=99)
+    with pytest.raises(ValueError, match="io_threads must be between 0 and"):
+        bad.new_event_loop()

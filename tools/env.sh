@@ -89,6 +89,7 @@ mt_venv() {
       mt_log "rloop did not install for Python $ver; the benchmark leaves it out"
   fi
   mt_log "building mtloop for Python $ver"
-  (cd "$MT_ROOT" && "$venv/bin/python" -m pip install -q --no-build-isolation . >&2) || return 1
+  (cd "$MT_ROOT" && "$venv/bin/python" -m pip install -q --no-build-isolation \
+    -C cmake.define.MTLOOP_WERROR=ON . >&2) || return 1
   echo "$venv"
 }

@@ -26,7 +26,8 @@ venv="$MT_ROOT/build/venv-$kind"
 mt_venv_has_packages "$venv" || mt_venv_install_packages "$venv"
 mt_log "building mtloop with MTLOOP_SANITIZE=$kind"
 "$venv/bin/python" -m pip install -q --no-build-isolation . \
-  -Ccmake.define.MTLOOP_SANITIZE="$kind" -Cbuild-dir="build/$kind-ext" >&2
+  -Ccmake.define.MTLOOP_SANITIZE="$kind" -Ccmake.define.MTLOOP_WERROR=ON \
+  -Cbuild-dir="build/$kind-ext" >&2
 
 # Leak checking is off: CPython's own allocations at exit would drown it.
 export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=1"
