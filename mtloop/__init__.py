@@ -59,8 +59,10 @@ def runtime_stats() -> list[dict[str, int]]:
     Keys: ``thread`` (index), ``transports`` and ``listeners`` (owned now),
     ``bytes_read``, ``bytes_written``, ``accepts``, ``commands`` and
     ``completions`` (handled so far), ``wakeups_sent`` (eventfd writes that
-    woke the thread) and ``wakeups_received``.  Empty before the pool
-    starts and after it stops."""
+    woke the thread), ``wakeups_received``, ``cpu_ns`` (the thread's CPU
+    time) and ``wait_ns`` (its time asleep, the wait in progress included).
+    Empty before the pool starts and after it stops.  Per loop,
+    ``loop.completion_stats()`` tells how its completions arrived."""
     return _mtloop.runtime_stats()
 
 

@@ -4,8 +4,9 @@ API under test:
 
 * ``mtloop.runtime_stats()`` -> one dict per I/O thread with the keys
   'thread', 'transports', 'listeners', 'bytes_read', 'bytes_written',
-  'accepts', 'commands', 'completions', 'wakeups_sent', 'wakeups_received'
-  (counters cumulative; 'transports'/'listeners' are current counts).
+  'accepts', 'commands', 'completions', 'wakeups_sent', 'wakeups_received',
+  'cpu_ns', 'wait_ns' (cumulative; 'transports'/'listeners' are current
+  counts).
 * ``mtloop.new_event_loop(io_threads=N)``: the loop spreads its connections
   over N I/O threads (the pool grows to at least N); ``loop.io_threads`` is
   a read-only int; the default comes from $MTLOOP_IO_THREADS or the CPU
@@ -51,10 +52,10 @@ else:
 
 STAT_KEYS = {
     "thread", "transports", "listeners", "bytes_read", "bytes_written", "accepts",
-    "commands", "completions", "wakeups_sent", "wakeups_received",
+    "commands", "completions", "wakeups_sent", "wakeups_received", "cpu_ns", "wait_ns",
 }
 CUMULATIVE = ("bytes_read", "bytes_written", "accepts", "commands", "completions",
-              "wakeups_sent", "wakeups_received")
+              "wakeups_sent", "wakeups_received", "cpu_ns", "wait_ns")
 GUARD_SECONDS = 60
 
 
@@ -323,6 +324,41 @@ def test_echoed_bytes_show_in_io_thread_counters(new_loop):
     assert d["accepts"] >= 1, d
     assert d["commands"] > 0, d
     assert d["completions"] > 0, d
+
+
+def test_idle_and_busy_threads_tell_apart(new_loop):
+    """wait_ns counts a thread's time asleep, the wait in progress included;
+    cpu_ns its CPU time.  An I/O thread left idle while the loop sleeps
+    shows most of that time as waiting and spends no CPU on it; the thread
+    that echoes 4 MB shows CPU."""
+    loop = new_loop(io_threads=1)
+    run_on(loop, echo_through(loop, b"start the pool"))
+    idle = 0.3
+    before = by_thread(stats())
+    run_on(loop, asyncio.sleep(idle))
+    after = by_thread(stats())
+    waited = max(after[t]["wait_ns"] - before[t]["wait_ns"] for t in before)
+    assert waited >= idle * 0.5e9, (before, after)
+    before = after
+    data = payload(4 * 1024 * 1024)
+    assert run_on(loop, echo_through(loop, data)) == data
+    after = by_thread(stats())
+    assert max(after[t]["cpu_ns"] - before[t]["cpu_ns"] for t in before) > 0
+
+
+def test_loop_counts_its_completion_batches(new_loop):
+    """loop.completion_stats(): iterations that dispatched completions, how
+    many, and the deepest such batch, with I/O threads and inline."""
+    for threads in (1, 0):
+        loop = new_loop(io_threads=threads)
+        assert loop.completion_stats() == {"batches": 0, "completions": 0,
+                                           "deepest_batch": 0}
+        data = payload(1024 * 1024)
+        assert run_on(loop, echo_through(loop, data)) == data
+        c = loop.completion_stats()
+        assert c["batches"] >= 1, c
+        assert c["completions"] >= c["batches"] and c["completions"] >= 4, c
+        assert 1 <= c["deepest_batch"] <= c["completions"], c
 
 
 def test_transports_and_listeners_are_counted(new_loop):
@@ -653,7 +689,7 @@ def test_inline_loop_moves_the_bytes_itself(new_loop):
         [(d["thread"], d["bytes_read"]) for d in after]
     own = loop.inline_stats()
     assert set(own) == STAT_KEYS - {"thread", "wakeups_sent", "wakeups_received",
-                                    "native_id"} | {"reads_direct"}
+                                    "cpu_ns", "wait_ns"} | {"reads_direct"}
     assert own["bytes_read"] >= 2 * len(data) and own["bytes_written"] >= len(data), own
     assert own["accepts"] == 1 and own["transports"] == 0 and own["listeners"] == 0, own
     assert own["reads_direct"] == 0, own  # two plain protocols: reads go through records

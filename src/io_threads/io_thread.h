@@ -5,6 +5,8 @@
 
 #include "io_threads/runtime.h"
 
+#include <time.h>
+
 #define MT_BATCH_SINKS 8
 
 /* Quiet completions (mt_io_thread_emit_quiet) wake the loop anyway once
@@ -39,15 +41,31 @@ struct mt_io_thread {
     } batch[MT_BATCH_SINKS];
     int nbatch;
     uint64_t quiet_bytes;      /* held by quiet completions since the last wakeup */
+    _Atomic uint64_t wait_since; /* written by this thread, read by snapshots:
+                                  mt_io_now_ns() when it began to sleep, 0
+                                  while it runs */
 };
+
+static inline uint64_t mt_io_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
 
 /* This thread: back to RUNNING as soon as the wait returned, so that
  * producers skip the eventfd write and the loop's direct send sees a busy
  * thread while events are dispatched. */
 static inline void mt_io_thread_running(mt_io_thread *io)
 {
-    if (atomic_load_explicit(&io->waker.state, memory_order_relaxed) != MT_WAKER_RUNNING)
-        mt_waker_awake(&io->waker);
+    if (atomic_load_explicit(&io->waker.state, memory_order_relaxed) == MT_WAKER_RUNNING)
+        return;
+    mt_waker_awake(&io->waker);
+    uint64_t since = atomic_load_explicit(&io->wait_since, memory_order_relaxed);
+    if (since != 0) {
+        mt_counter_add(&io->stats.wait_ns, mt_io_now_ns() - since);
+        atomic_store_explicit(&io->wait_since, 0, memory_order_release);
+    }
 }
 
 /* record.c, for the thread body. */

@@ -6,6 +6,7 @@
 
 #include <errno.h>
 #include <signal.h>
+#include <time.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -111,6 +112,26 @@ void mt_io_thread_snapshot(mt_io_thread *io, mt_io_snapshot *out)
     out->commands = atomic_load(&io->stats.commands);
     out->completions = atomic_load(&io->stats.completions);
     out->reads_direct = atomic_load(&io->stats.reads_direct);
+    /* With the wait in progress, so that an idle thread shows its idleness
+     * before anything wakes it; a wait that ended meanwhile (its start
+     * changed) is read again, so the sum never goes back. */
+    for (;;) {
+        uint64_t since = atomic_load_explicit(&io->wait_since, memory_order_acquire);
+        uint64_t waited = atomic_load(&io->stats.wait_ns);
+        uint64_t now = mt_io_now_ns();
+        if (atomic_load_explicit(&io->wait_since, memory_order_acquire) != since)
+            continue;
+        out->wait_ns = waited + (since != 0 && now > since ? now - since : 0);
+        break;
+    }
+    out->cpu_ns = 0;
+    clockid_t clock;
+    struct timespec ts;
+    /* A registered pool thread is running (it is joined only after the
+     * registry let go of it), so its clock is valid. */
+    if (!io->is_inline && pthread_getcpuclockid(io->thread, &clock) == 0 &&
+        clock_gettime(clock, &ts) == 0)
+        out->cpu_ns = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
     out->wakeups_sent = atomic_load(&io->waker.wakeups_sent);
     out->wakeups_received = atomic_load(&io->waker.wakeups_received);
     out->native_id = atomic_load(&io->native_id);
@@ -182,8 +203,9 @@ static void *io_main(void *arg)
             mt_waker_awake(&io->waker);
             event_base_loop(io->base, EVLOOP_ONCE | EVLOOP_NONBLOCK);
         } else {
+            atomic_store_explicit(&io->wait_since, mt_io_now_ns(), memory_order_release);
             event_base_loop(io->base, EVLOOP_ONCE);
-            mt_waker_awake(&io->waker);
+            mt_io_thread_running(io); /* if no callback ran to say so */
         }
         mt_io_thread_flush_batches(io);
     }

@@ -259,11 +259,14 @@ typedef struct mt_io_stats {
     _Atomic uint64_t commands;
     _Atomic uint64_t completions;
     _Atomic uint64_t reads_direct; /* inline only: reads into a protocol's own buffer */
+    _Atomic uint64_t wait_ns;      /* time asleep in the thread's wait */
 } mt_io_stats;
 
 typedef struct mt_io_snapshot {
     uint64_t transports, listeners, bytes_read, bytes_written, accepts, commands,
         completions, wakeups_sent, wakeups_received, reads_direct;
+    uint64_t cpu_ns;  /* the thread's CPU time (0 inline: the loop thread's own) */
+    uint64_t wait_ns;
     long native_id;
 } mt_io_snapshot;
 

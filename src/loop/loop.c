@@ -538,16 +538,32 @@ static int run_handles(mt_loop *self, size_t n)
 
 /* Hands I/O threads' completions to their records' loop halves.  At most
  * a bounded batch per iteration, so a flood cannot starve timers. */
+static void count_batch(mt_loop *self, uint64_t n)
+{
+    if (n == 0)
+        return;
+    self->completion_batches++;
+    self->completions += n;
+    if (n > self->deepest_batch)
+        self->deepest_batch = n;
+}
+
 static int drain_completions(mt_loop *self)
 {
+    uint64_t n = 0;
+    int rc = 0;
     for (int i = 0; i < MT_MAX_COMPLETIONS_PER_ITERATION; i++) {
         mt_msg *msg = mt_sink_pop(self->sink);
         if (msg == NULL)
-            return 0;
-        if (msg->rec->loop_ops->dispatch(self, msg) < 0)
-            return -1;
+            break;
+        n++;
+        if (msg->rec->loop_ops->dispatch(self, msg) < 0) {
+            rc = -1;
+            break;
+        }
     }
-    return 0;
+    count_batch(self, n);
+    return rc;
 }
 
 static PyObject *forked_error(void)
@@ -802,6 +818,13 @@ static PyObject *loop_spin_stats(mt_loop *self, PyObject *Py_UNUSED(ignored))
     return Py_BuildValue("(KKK)", (unsigned long long)self->spins,
                          (unsigned long long)self->spins_caught,
                          (unsigned long long)self->spins_skipped);
+}
+
+static PyObject *loop_completion_stats(mt_loop *self, PyObject *Py_UNUSED(ignored))
+{
+    return Py_BuildValue("{sKsKsK}", "batches", (unsigned long long)self->completion_batches,
+                         "completions", (unsigned long long)self->completions,
+                         "deepest_batch", (unsigned long long)self->deepest_batch);
 }
 
 static PyObject *loop_inline_stats(mt_loop *self, PyObject *Py_UNUSED(ignored))
@@ -1217,6 +1240,9 @@ static PyMethodDef loop_methods[] = {
      "loop's own I/O (no thread or wakeup keys), and reads_direct (reads made straight into "
      "a BufferedProtocol's buffer); None before the loop has a transport or server, and for "
      "a loop with I/O threads."},
+    {"completion_stats", (PyCFunction)loop_completion_stats, METH_NOARGS,
+     "Completions this loop received from its I/O: batches (iterations that had any), "
+     "completions, and deepest_batch (the most one iteration dispatched)."},
     {"_mt_spin_stats", (PyCFunction)loop_spin_stats, METH_NOARGS,
      "(spins, spins that caught work, waits that skipped spinning)."},
     {"_add_callback", (PyCFunction)loop_add_callback, METH_O, NULL},

@@ -83,6 +83,10 @@ struct mt_loop {
     unsigned spin_backoff;         /* waits to skip after the next run of misses */
     unsigned spin_skip;            /* waits left to skip */
     uint64_t spins, spins_caught, spins_skipped; /* counts, for the tests */
+    /* Completion batches (drain_completions), loop thread only. */
+    uint64_t completion_batches;   /* drains that found completions */
+    uint64_t completions;          /* completions dispatched */
+    uint64_t deepest_batch;        /* the most one drain dispatched */
     PyObject *current_handle;
 };
 

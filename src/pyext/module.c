@@ -135,6 +135,7 @@ static PyObject *runtime_stats(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(a))
             put_u64(d, "wakeups_sent", snap.wakeups_sent) < 0 ||
             put_u64(d, "wakeups_received", snap.wakeups_received) < 0 ||
             put_u64(d, "native_id", (uint64_t)snap.native_id) < 0 ||
+            put_u64(d, "cpu_ns", snap.cpu_ns) < 0 || put_u64(d, "wait_ns", snap.wait_ns) < 0 ||
             PyList_Append(list, d) < 0) {
             Py_XDECREF(d);
             Py_CLEAR(list);
