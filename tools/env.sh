@@ -1,6 +1,6 @@
 # Shared set-up for the project's commands; sourced, not run.
 #
-# mt_setup_system   installs the Debian packages the build needs (once)
+# mt_setup_system   installs the Debian packages the build and the tests need (once)
 # mt_setup_bench    installs what only the benchmark needs (wrk)
 # mt_pythons        prints the interpreters of each supported Python found
 # mt_venv_has_packages V / mt_venv_install_packages V: the Python packages in venv V
@@ -10,7 +10,7 @@
 
 MT_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 MT_SUPPORTED="3.11 3.12 3.13"
-MT_PY_PACKAGES="scikit-build-core>=0.8 cmake>=3.18 ninja pytest>=7 uvloop>=0.19 trustme matplotlib uvicorn"
+MT_PY_PACKAGES="scikit-build-core>=0.8 cmake>=3.18 ninja pytest>=7 uvloop>=0.19 trustme matplotlib uvicorn aiohttp redis"
 
 mt_log() { printf '[mtloop] %s\n' "$*" >&2; }
 
@@ -21,6 +21,7 @@ mt_setup_system() {
   pkg-config --exists libevent_core 2>/dev/null || need+=(libevent-dev)
   pkg-config --exists cmocka 2>/dev/null || need+=(libcmocka-dev)
   pkg-config --exists libssl 2>/dev/null || need+=(libssl-dev)
+  command -v redis-server >/dev/null 2>&1 || need+=(redis-server)  # tests/test_integrations.py
   if ! ls /usr/lib/*/libtsan.so* >/dev/null 2>&1 && ! ls /usr/lib/gcc/*/*/libtsan.so >/dev/null 2>&1; then
     need+=(libtsan2)
   fi
@@ -64,7 +65,7 @@ mt_pythons() {
 
 # Whether the venv V has every package of MT_PY_PACKAGES; installs them.
 mt_venv_has_packages() {
-  "$1/bin/python" -c 'import scikit_build_core, pytest, uvloop, trustme, ninja, cmake, matplotlib, uvicorn' \
+  "$1/bin/python" -c 'import scikit_build_core, pytest, uvloop, trustme, ninja, cmake, matplotlib, uvicorn, aiohttp, redis' \
     >/dev/null 2>&1
 }
 
