@@ -97,6 +97,12 @@ def pytest_addoption(parser):
         default=False,
         help="run the long load tests marked 'stress'",
     )
+    parser.addoption(
+        "--wheel",
+        action="store_true",
+        default=False,
+        help="run the tests marked 'wheel' (tools/wheel.sh and a fresh virtualenv)",
+    )
 
 
 def pytest_configure(config):
@@ -110,9 +116,14 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     run_stress = config.getoption("--stress")
     skip_stress = pytest.mark.skip(reason="stress test: run with --stress")
+    run_wheel = config.getoption("--wheel")
+    skip_wheel = pytest.mark.skip(reason="builds a wheel: run with --wheel (tools/test.sh "
+                                  "does, on its first Python)")
     for item in items:
         if not run_stress and item.get_closest_marker("stress") is not None:
             item.add_marker(skip_stress)
+        if not run_wheel and item.get_closest_marker("wheel") is not None:
+            item.add_marker(skip_wheel)
         callspec = getattr(item, "callspec", None)
         if callspec is None or callspec.params.get("loop_factory") != "uvloop":
             continue

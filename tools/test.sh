@@ -2,7 +2,8 @@
 # Runs every test of mtloop on this machine, setting up what is missing:
 #   1. the CMocka unit tests (ctest), in a plain, an ASan+UBSan and a TSan build;
 #   2. the pytest suite (asyncio vs uvloop vs mtloop, and CPython's own
-#      test_asyncio suites against mtloop) on every supported Python found;
+#      test_asyncio suites against mtloop) on every supported Python found,
+#      with the wheel test (tools/wheel.sh) on the first;
 #   3. mtloop's tests again with inline I/O (io_threads=0) on the first.
 # Extra arguments go to pytest (e.g. --stress, -k pattern, -x).
 set -euo pipefail
@@ -26,12 +27,16 @@ for variant in plain address thread; do
 done
 
 status=0
+first_py=$(echo "$pythons" | head -n1)
 for py in $pythons; do
   venv=$(mt_venv "$py")
   mt_log "pytest on $("$venv/bin/python" -V)"
+  # The wheel test (tools/wheel.sh, a fresh virtualenv) once, on the first.
+  wheel=()
+  [ "$py" = "$first_py" ] && wheel=(--wheel)
   # The venv's pytest script, not "python -m pytest": that would put the
   # source tree (without the built extension) first on sys.path.
-  "$venv/bin/pytest" -p no:cacheprovider "$@" || status=1
+  "$venv/bin/pytest" -p no:cacheprovider "${wheel[@]}" "$@" || status=1
 done
 
 # Inline I/O (io_threads=0, the default on one CPU): every mtloop parameter
