@@ -1,7 +1,8 @@
 """The servers and clients people run, on each loop (issue #14): uvicorn
-serving an ASGI app (`--loop mtloop:new_event_loop`), aiohttp's server and
-client (bodies, a streamed response, WebSocket echo), and redis-py against
-a redis-server the test starts.  Everything binds to 127.0.0.1; a test
+serving an ASGI app (`--loop mtloop:new_event_loop`), Hypercorn serving
+one on the running loop, aiohttp's server and client (bodies, a streamed
+response, WebSocket echo), and redis-py against a redis-server the test
+starts.  Everything binds to 127.0.0.1; a test
 skips only when its server binary is missing (tools/env.sh installs them).
 """
 
@@ -57,7 +58,8 @@ async def app(scope, receive, send):
     loop = type(asyncio.get_running_loop())
     answer = f"{loop.__module__}.{loop.__qualname__} {len(body)} {hashlib.sha256(body).hexdigest()}"
     await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"text/plain")]})
+                "headers": [(b"content-type", b"text/plain"),
+                            (b"content-length", str(len(answer)).encode())]})
     await send({"type": "http.response.body", "body": answer.encode()})
 '''
 
@@ -248,3 +250,61 @@ def test_redis_rows_round_trip(loop, run, redis_port, impl_name):
         assert int(meta[b"len"]) == len(value)
         assert meta[b"sha"].decode() == hashlib.sha256(value).hexdigest()
     assert big_back == big
+
+
+# --------------------------------------------------------------------------
+# Hypercorn (its API serves on the running loop; the CLI picks its own)
+
+
+def test_hypercorn_serves_on_the_running_loop(loop, run, tmp_path):
+    """hypercorn.asyncio.serve() on each loop: an ASGI app answers HTTP/1.1
+    GETs and a 1 MB POST over one keep-alive connection, then shuts down."""
+    pytest.importorskip("hypercorn", reason="hypercorn is not installed (tools/env.sh)")
+    from hypercorn.asyncio import serve
+    from hypercorn.config import Config
+
+    namespace = {}
+    exec(textwrap.dedent(ASGI_APP), namespace)
+    lsock = free_listener()
+    port = lsock.getsockname()[1]
+    config = Config()
+    config.bind = [f"fd://{lsock.detach()}"]  # hypercorn's from now on: it closes it
+    config.loglevel = "WARNING"
+    config.accesslog = None
+
+    async def main():
+        stop = asyncio.Event()
+        server = asyncio.ensure_future(serve(namespace["app"], config,
+                                             shutdown_trigger=stop.wait))
+        try:
+            deadline = loop.time() + START_TIMEOUT
+            while True:
+                try:
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                    break
+                except ConnectionError:
+                    if loop.time() > deadline or server.done():
+                        raise
+                    await asyncio.sleep(0.05)
+            answers = []
+            body = body_of(1_000_000)
+            for method, payload in (("GET", b""), ("POST", body), ("GET", b"")):
+                writer.write(f"{method} / HTTP/1.1\r\nHost: test\r\n"
+                             f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length:"))
+                answers.append((head.split(b" ")[1], (await reader.readexactly(length)).decode()))
+            writer.close()
+            return answers, type(loop)
+        finally:
+            stop.set()
+            await asyncio.wait_for(server, HANG_TIMEOUT)
+
+    answers, loop_type = run(main(), timeout=60)
+    expected_loop = f"{loop_type.__module__}.{loop_type.__qualname__}"
+    assert [status for status, _ in answers] == [b"200"] * 3
+    assert answers[0][1].split() == [expected_loop, "0", hashlib.sha256(b"").hexdigest()]
+    body = body_of(1_000_000)
+    assert answers[1][1].split() == [expected_loop, str(len(body)),
+                                     hashlib.sha256(body).hexdigest()]
