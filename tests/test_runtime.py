@@ -696,6 +696,66 @@ def test_inline_loop_moves_the_bytes_itself(new_loop):
     assert new_loop(io_threads=1).inline_stats() is None
 
 
+def test_inline_wait_bounds_the_reads_it_holds(new_loop):
+    """io_threads=0: what one wait reads stays in records until the wait
+    returns, so a wait that finds many connections readable ends early once
+    it holds 8 MiB (io_thread.h, MT_INLINE_HELD_MAX) and the next wait reads
+    the rest.  160 connections with 100 KB each waiting come through in
+    more than one batch (loop.completion_stats()), every byte intact."""
+    loop = new_loop(io_threads=0)
+    n, size = 160, 100_000
+    received = {}
+    made = []
+
+    class Count(asyncio.Protocol):
+        def connection_made(self, transport):
+            made.append(self)
+            received[self] = 0
+
+        def data_received(self, data):
+            received[self] += len(data)
+
+    async def until(pred):
+        while not pred():
+            await asyncio.sleep(0.001)
+
+    async def main():
+        srv = await loop.create_server(Count, "127.0.0.1", 0, backlog=n)
+        clients = []
+        for _ in range(n):
+            c = socket.socket()
+            # Room for the whole message on the sending side, so that
+            # sendall() never waits for a loop that is not running.
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * size)
+            c.connect(srv.sockets[0].getsockname())
+            clients.append(c)
+        try:
+            await until(lambda: len(made) == n)
+            # Small rounds first: libevent's epoll array grows (32 events at
+            # first, doubled after each full wait) until one wait sees all.
+            for r in range(1, 5):
+                for c in clients:
+                    c.sendall(b"x")
+                await until(lambda: all(v == r for v in received.values()))
+            before = loop.completion_stats()
+            data = payload(size)
+            for c in clients:
+                c.sendall(data)  # the loop is not running: all wait in the kernel
+            await until(lambda: all(v == 4 + size for v in received.values()))
+            after = loop.completion_stats()
+            return before, after
+        finally:
+            for c in clients:
+                c.close()
+            srv.close()
+            await srv.wait_closed()
+
+    before, after = run_on(loop, main())
+    completions = after["completions"] - before["completions"]
+    assert after["batches"] - before["batches"] >= 2, (before, after)
+    assert after["deepest_batch"] < completions / 2, (before, after)
+
+
 def test_inline_buffered_protocol_reads_into_its_own_buffer(new_loop):
     """io_threads=0: a BufferedProtocol's bytes are read straight into the
     buffers its get_buffer() returns (inline_stats()'s reads_direct counts

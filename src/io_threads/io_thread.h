@@ -15,6 +15,17 @@
  * without bound. */
 #define MT_QUIET_BYTES_MAX ((uint64_t)1024 * 1024)
 
+/* An inline runtime's handlers run inside its loop's wait, and what they
+ * read waits in records until the wait returns: past this much pool memory
+ * held so, the wait ends early (event_base_loopbreak) and the rest of the
+ * ready fds are served by the next one.  Without it a wait that found
+ * thousands of fds readable held a read block for each: a storm of 10,000
+ * connections peaked at twice uvloop's RSS and page faults, and its reads
+ * went into memory long out of cache.  Not much less: each early end costs
+ * one more epoll_wait, which reports the same thousands of ready fds again
+ * (at 1 MiB the storm's system time doubled). */
+#define MT_INLINE_HELD_MAX ((size_t)8 * 1024 * 1024)
+
 struct mt_io_thread {
     int index;                 /* immutable; -1 when inline */
     bool is_inline;            /* immutable: run by its loop's thread */
@@ -41,6 +52,7 @@ struct mt_io_thread {
     } batch[MT_BATCH_SINKS];
     int nbatch;
     uint64_t quiet_bytes;      /* held by quiet completions since the last wakeup */
+    size_t inline_held;        /* inline: pool bytes emitted since the flush */
     _Atomic uint64_t wait_since; /* written by this thread, read by snapshots:
                                   mt_io_now_ns() when it began to sleep, 0
                                   while it runs */

@@ -189,12 +189,18 @@ void mt_io_thread_flush_batches(mt_io_thread *io)
             io->quiet_bytes = 0;
     }
     io->nbatch = 0;
+    io->inline_held = 0;
 }
 
 static void emit(mt_io_thread *io, mt_msg *msg, bool wake)
 {
     mt_sink *sink = msg->rec->sink;
     mt_counter_add(&io->stats.completions, 1);
+    if (io->is_inline && msg->pool_cls != MT_MSG_EMBEDDED) {
+        io->inline_held += mt_pool_class_size(msg->pool_cls);
+        if (io->inline_held > MT_INLINE_HELD_MAX)
+            event_base_loopbreak(io->base); /* see MT_INLINE_HELD_MAX */
+    }
     atomic_store_explicit(&msg->node.next, NULL, memory_order_relaxed);
     int i;
     for (i = 0; i < io->nbatch && io->batch[i].sink != sink; i++)
