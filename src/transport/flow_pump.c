@@ -452,8 +452,9 @@ static void on_watch(mt_io_watch *w, unsigned events)
 
 void mt_flow_set_read_direct(mt_flow *f, bool on)
 {
-    f->read_direct = on && mt_io_thread_is_inline(f->rec.io) && f->fd_ops->open == NULL &&
-                     f->fd_ops->has_input == NULL;
+    /* Only an inline flow's field is this thread's to write. */
+    if (mt_io_thread_is_inline(f->rec.io))
+        f->read_direct = on && f->fd_ops->open == NULL && f->fd_ops->has_input == NULL;
 }
 
 ssize_t mt_flow_read_direct(mt_flow *f, void *buf, size_t len)
