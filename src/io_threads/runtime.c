@@ -6,7 +6,6 @@
 
 #include <errno.h>
 #include <signal.h>
-#include <time.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>

@@ -536,8 +536,6 @@ static int run_handles(mt_loop *self, size_t n)
     return 0;
 }
 
-/* Hands I/O threads' completions to their records' loop halves.  At most
- * a bounded batch per iteration, so a flood cannot starve timers. */
 static void count_batch(mt_loop *self, uint64_t n)
 {
     if (n == 0)
@@ -548,6 +546,8 @@ static void count_batch(mt_loop *self, uint64_t n)
         self->deepest_batch = n;
 }
 
+/* Hands I/O threads' completions to their records' loop halves.  At most
+ * a bounded batch per iteration, so a flood cannot starve timers. */
 static int drain_completions(mt_loop *self)
 {
     uint64_t n = 0;

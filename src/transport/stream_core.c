@@ -381,10 +381,10 @@ static void update_read_direct(mt_stream_core *self)
  * kernel, and the level-triggered watch reports it again. */
 static int read_direct(mt_stream_core *self)
 {
-    mt_flow *f = self->flow;
     for (int round = 0; round < MT_READS_PER_EVENT; round++) {
-        if (f == NULL || self->closed || self->closing || self->keep_held || !self->buffered || reading_held(self) ||
-            !f->read_direct)
+        /* read_direct follows the protocol and hand_over() (update_read_direct). */
+        mt_flow *f = self->flow;
+        if (f == NULL || !f->read_direct || self->closed || self->closing || reading_held(self))
             return 0;
         Py_buffer view;
         int rc = protocol_buffer(self, &view);
