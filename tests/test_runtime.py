@@ -39,6 +39,7 @@ import threading
 import time
 import traceback
 import warnings
+import zlib
 
 import pytest
 
@@ -696,6 +697,24 @@ def test_inline_loop_moves_the_bytes_itself(new_loop):
     assert new_loop(io_threads=1).inline_stats() is None
 
 
+async def until(pred):
+    while not pred():
+        await asyncio.sleep(0.001)
+
+
+def connect_clients(srv, n, size):
+    """n blocking client sockets connected to `srv`, each with room for
+    `size` bytes and more on its sending side, so that sendall() never
+    waits for a loop that is not running."""
+    clients = []
+    for _ in range(n):
+        c = socket.socket()
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * size)
+        c.connect(srv.sockets[0].getsockname())
+        clients.append(c)
+    return clients
+
+
 def test_inline_wait_bounds_the_reads_it_holds(new_loop):
     """io_threads=0: what one wait reads stays in records until the wait
     returns, so a wait that finds many connections readable ends early once
@@ -715,20 +734,9 @@ def test_inline_wait_bounds_the_reads_it_holds(new_loop):
         def data_received(self, data):
             received[self] += len(data)
 
-    async def until(pred):
-        while not pred():
-            await asyncio.sleep(0.001)
-
     async def main():
         srv = await loop.create_server(Count, "127.0.0.1", 0, backlog=n)
-        clients = []
-        for _ in range(n):
-            c = socket.socket()
-            # Room for the whole message on the sending side, so that
-            # sendall() never waits for a loop that is not running.
-            c.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * size)
-            c.connect(srv.sockets[0].getsockname())
-            clients.append(c)
+        clients = connect_clients(srv, n, size)
         try:
             await until(lambda: len(made) == n)
             # Small rounds first: libevent's epoll array grows (32 events at
@@ -754,6 +762,131 @@ def test_inline_wait_bounds_the_reads_it_holds(new_loop):
     # Without the bound all of it comes in one batch (640 completions here).
     assert after["batches"] - before["batches"] >= 2, (before, after)
     assert after["deepest_batch"] < after["completions"] - before["completions"], (before, after)
+
+
+def held_totals():
+    stats = mtloop.runtime_stats()
+    return (sum(t["bytes_read"] for t in stats), sum(t["held_back"] for t in stats))
+
+
+def flood_a_busy_loop(loop, n, size, hold):
+    """Runs on `loop`: a server with `n` connections, each of which sends
+    `size` bytes while the loop thread is held up (in a callback) until its
+    I/O thread parks a connection, then calls hold() there too.  Returns
+    (bytes the I/O threads read meanwhile, parks, {protocol: (count, crc)})
+    once everything arrived."""
+    received = {}
+    made = []
+
+    class Crc(asyncio.Protocol):
+        def connection_made(self, transport):
+            made.append(self)
+            received[self] = (0, 0)
+
+        def data_received(self, data):
+            count, crc = received[self]
+            received[self] = (count + len(data), zlib.crc32(data, crc))
+
+    async def main():
+        srv = await loop.create_server(Crc, "127.0.0.1", 0, backlog=n)
+        clients = connect_clients(srv, n, size)
+        try:
+            await until(lambda: len(made) == n)
+            read0, held0 = held_totals()
+            data = payload(size)
+            for c in clients:
+                c.sendall(data)
+            # The loop thread stays here, popping nothing, until the I/O
+            # thread parks a connection (without the bound it never does).
+            deadline = time.monotonic() + 20
+            while held_totals()[1] == held0 and time.monotonic() < deadline:
+                time.sleep(0.002)
+            time.sleep(0.2)  # room for reads that should not happen
+            read1, held1 = held_totals()
+            hold()
+            await until(lambda: all(v[0] == size for v in received.values()))
+            return read1 - read0, held1 - held0, received
+        finally:
+            for c in clients:
+                c.close()
+            srv.close()
+            await srv.wait_closed()
+
+    return run_on(loop, main(), timeout=60)
+
+
+def test_io_thread_bounds_what_it_holds_for_a_busy_loop(new_loop):
+    """With an I/O thread: while the loop thread is busy, the thread reads
+    ahead for it into completions, but holds at most 8 MiB of them for that
+    loop (runtime.h, MT_LANE_HELD_MAX).  The connections past the bound are
+    parked (runtime_stats()'s held_back counts them) and resume once the
+    loop has popped half: 160 connections with 100 KB each, sent while the
+    loop is blocked, all arrive intact."""
+    size, bound = 100_000, 8 * 1024 * 1024
+    ahead, parked, received = flood_a_busy_loop(new_loop(io_threads=1), 160, size, lambda: None)
+    assert parked > 0, ahead
+    # One read past the bound at most (a 128 KiB block).
+    assert ahead <= bound + 128 * 1024, (ahead, parked)
+    want = zlib.crc32(payload(size))
+    assert all(v == (size, want) for v in received.values())
+
+
+def test_a_full_lane_holds_back_only_its_own_loop(new_loop):
+    """The bound is per loop: while one loop's connections are parked on an
+    I/O thread, another loop served by the same thread reads and writes as
+    before (an echo of 4 MB), and the first loop then gets all of its data.
+    (A thread that stopped reading for everyone would hang the second loop:
+    the first one's thread may be waiting for it.)"""
+    busy, other = new_loop(io_threads=1), new_loop(io_threads=1)
+    size = 100_000
+    parked = threading.Event()
+    release = threading.Event()
+    result = {}
+
+    def hold():
+        parked.set()
+        release.wait(30)
+
+    def run_busy():
+        asyncio.set_event_loop(busy)
+        try:
+            result["busy"] = flood_a_busy_loop(busy, 160, size, hold)
+        except BaseException as e:  # reported by the main thread
+            result["error"] = e
+            parked.set()
+
+    th = threading.Thread(target=run_busy)
+    th.start()
+    try:
+        assert parked.wait(40) and "error" not in result, result
+
+        async def echo():
+            async def serve(reader, writer):
+                while data := await reader.read(65536):
+                    writer.write(data)
+                    await writer.drain()
+                writer.close()
+
+            srv = await asyncio.start_server(serve, "127.0.0.1", 0)
+            reader, writer = await asyncio.open_connection(*srv.sockets[0].getsockname())
+            data = payload(4_000_000)
+            writer.write(data)
+            writer.write_eof()
+            back = await reader.read(-1)
+            writer.close()
+            srv.close()
+            await srv.wait_closed()
+            return back == data
+
+        assert run_on(other, echo(), timeout=20)
+    finally:
+        release.set()
+        th.join(60)
+    assert "error" not in result, result
+    ahead, n_parked, received = result["busy"]
+    assert n_parked > 0
+    want = zlib.crc32(payload(size))
+    assert all(v == (size, want) for v in received.values())
 
 
 def test_inline_buffered_protocol_reads_into_its_own_buffer(new_loop):

@@ -34,6 +34,8 @@ struct mt_io_thread {
     mt_mpsc_queue commands;    /* any thread pushes; this thread pops */
     mt_waker waker;            /* shared (atomics) */
     _Atomic bool stopped;      /* set by the stopper before STOP is posted */
+    _Atomic bool unpark;       /* a loop gave a lane room: set by that loop,
+                                  taken by this thread (mt_io_thread_kick) */
     _Atomic long native_id;    /* the thread's kernel id, set when it starts */
     mt_io_stats stats;         /* written by this thread, read by anyone */
     mt_msg stop_msg;           /* posted once by mt_runtime_stop() */
@@ -44,6 +46,8 @@ struct mt_io_thread {
     struct event *waker_event;
     mt_record *owned;          /* attached records */
     mt_record *dirty_head, *dirty_tail;
+    mt_sink *starved;          /* sinks whose lane holds parked records
+                                  (linked through the lanes, mt_lane) */
     bool exiting;
     struct {
         mt_sink *sink;
@@ -83,13 +87,21 @@ static inline void mt_io_thread_running(mt_io_thread *io)
 /* record.c, for the thread body. */
 void mt_io_thread_flush_batches(mt_io_thread *io);
 void mt_io_thread_service_dirty(mt_io_thread *io);
+/* A loop popped enough of what this thread's lane held for it that the
+ * parked records may read again: wakes the thread to restart them.  Loop
+ * thread (sink.c). */
+void mt_io_thread_kick(mt_io_thread *io);
+/* The kick's other half, on the thread: parked records resume, oldest
+ * first, while their lane has room. */
+void mt_io_thread_unpark(mt_io_thread *io);
 /* A control link was popped: take the record's bits and queue it dirty. */
 void mt_io_thread_take_control(mt_io_thread *io, mt_record *rec);
 /* sink.c: SINK_CLOSE's sink, and its acknowledgement (after which the
  * message is gone). */
 mt_sink *mt_sink_close_target(mt_msg *msg);
 void mt_sink_close_done(mt_msg *msg);
-/* Drops the attached records of `sink` (all of them when NULL). */
+/* Drops the attached records of `sink` (all of them when NULL), and lets
+ * go of those that were parked. */
 void mt_io_thread_drop_sink(mt_io_thread *io, mt_sink *sink);
 
 #endif

@@ -45,6 +45,14 @@ void mt_io_thread_decref(mt_io_thread *io)
     atomic_fetch_sub_explicit(&threads_allocated, 1, memory_order_relaxed);
 }
 
+void mt_io_thread_kick(mt_io_thread *io)
+{
+    /* Then the waker's fence: the thread either sees `unpark` after it
+     * announced its sleep, or is woken (waker.h). */
+    atomic_store_explicit(&io->unpark, true, memory_order_seq_cst);
+    mt_waker_notify(&io->waker);
+}
+
 bool mt_io_thread_post(mt_io_thread *io, mt_msg *first, mt_msg *last)
 {
     /* mt_runtime_stop() sets `stopped` and posts STOP while its caller
@@ -64,6 +72,9 @@ static void run_commands(mt_io_thread *io)
 {
     mt_mpsc_node *node;
     uint64_t n = 0;
+    if (atomic_load_explicit(&io->unpark, memory_order_relaxed) &&
+        atomic_exchange_explicit(&io->unpark, false, memory_order_seq_cst))
+        mt_io_thread_unpark(io); /* serviced with this batch */
     while ((node = mt_mpsc_queue_pop(&io->commands)) != NULL) {
         n++;
         if (((mt_msg_link *)node)->op == MT_OP_CONTROL) {
@@ -111,6 +122,7 @@ void mt_io_thread_snapshot(mt_io_thread *io, mt_io_snapshot *out)
     out->commands = atomic_load(&io->stats.commands);
     out->completions = atomic_load(&io->stats.completions);
     out->reads_direct = atomic_load(&io->stats.reads_direct);
+    out->held_back = atomic_load(&io->stats.held_back);
     /* With the wait in progress, so that an idle thread shows its idleness
      * before anything wakes it; a wait that ended meanwhile (its start
      * changed) is read again, so the sum never goes back. */
@@ -152,6 +164,7 @@ mt_io_thread *mt_io_inline_new(struct event_base *base)
     atomic_init(&io->refs, 1); /* the loop's */
     mt_mpsc_queue_init(&io->commands);
     atomic_init(&io->stopped, false);
+    atomic_init(&io->unpark, false);
     atomic_init(&io->waker.state, MT_WAKER_RUNNING);
     io->waker.fd = -1;
     atomic_init(&io->native_id, (long)gettid());
@@ -198,7 +211,8 @@ static void *io_main(void *arg)
         mt_waker_prepare_sleep(&io->waker);
         /* Dirty records (work a callback deferred) are serviced with the
          * next commands: poll without sleeping while any wait. */
-        if (!mt_mpsc_queue_is_empty(&io->commands) || io->dirty_head != NULL) {
+        if (!mt_mpsc_queue_is_empty(&io->commands) || io->dirty_head != NULL ||
+            atomic_load_explicit(&io->unpark, memory_order_seq_cst)) {
             mt_waker_awake(&io->waker);
             event_base_loop(io->base, EVLOOP_ONCE | EVLOOP_NONBLOCK);
         } else {
@@ -229,6 +243,7 @@ static mt_io_thread *io_thread_start(int index)
     atomic_init(&io->refs, 1); /* the registry's */
     mt_mpsc_queue_init(&io->commands);
     atomic_init(&io->stopped, false);
+    atomic_init(&io->unpark, false);
     if (mt_waker_init(&io->waker) < 0)
         goto fail;
     struct event_config *cfg = event_config_new();

@@ -2,6 +2,8 @@
  * on).  See runtime.h. */
 #include "io_threads/io_thread.h"
 
+#include "io_threads/buffer_pool.h"
+
 #include <stdlib.h>
 #include <string.h>
 
@@ -26,11 +28,22 @@ _Static_assert(offsetof(mt_sink_close_msg, sink) == sizeof(mt_msg),
 
 mt_sink *mt_sink_new(void)
 {
+    return mt_sink_new_lanes(MT_LANE_HELD_MAX);
+}
+
+mt_sink *mt_sink_new_lanes(int64_t lane_max)
+{
     mt_sink *sink = malloc(sizeof(*sink));
     if (sink == NULL)
         return NULL;
     mt_mpsc_queue_init(&sink->queue);
     atomic_init(&sink->refs, 1);
+    sink->lane_max = lane_max;
+    sink->ret_io = NULL;
+    sink->ret_bytes = 0;
+    memset(sink->lanes, 0, sizeof(sink->lanes));
+    for (int i = 0; i < MT_IO_THREADS_MAX; i++)
+        mt_credit_init(&sink->lanes[i].lane.held);
     if (mt_waker_init(&sink->waker) < 0) {
         free(sink);
         return NULL;
@@ -49,6 +62,8 @@ void mt_sink_decref(mt_sink *sink)
         return;
     /* Every completion holds its record, which holds the sink: nothing can
      * be queued any more. */
+    if (sink->ret_io != NULL)
+        mt_io_thread_decref(sink->ret_io);
     mt_waker_close(&sink->waker);
     free(sink);
 }
@@ -58,6 +73,38 @@ void mt_sink_push(mt_sink *sink, mt_msg *first, mt_msg *last, bool wake)
     mt_mpsc_queue_push_chain(&sink->queue, &first->node, &last->node);
     if (wake)
         mt_waker_notify(&sink->waker);
+}
+
+/* ---- lanes (MT_LANE_HELD_MAX) -------------------------------------------- */
+
+/* Popped bytes go back to their lane in sums of up to an eighth of it, a
+ * lane at a time: a return is a locked instruction on a line the I/O
+ * thread writes too. */
+
+void mt_sink_popped(mt_sink *sink, mt_msg *msg)
+{
+    mt_io_thread *io = msg->rec->io; /* the emitter (record.c) */
+    if (io != sink->ret_io) {
+        mt_sink_return(sink);
+        mt_io_thread_incref(io);
+        sink->ret_io = io;
+    }
+    sink->ret_bytes += (int64_t)mt_pool_class_size(msg->pool_cls);
+    if (sink->ret_bytes >= sink->lane_max / 8)
+        mt_sink_return(sink);
+}
+
+void mt_sink_return(mt_sink *sink)
+{
+    mt_io_thread *io = sink->ret_io;
+    if (io == NULL)
+        return;
+    int64_t n = sink->ret_bytes;
+    sink->ret_io = NULL;
+    sink->ret_bytes = 0;
+    if (mt_credit_return(&sink->lanes[mt_io_thread_index(io)].lane.held, n, sink->lane_max))
+        mt_io_thread_kick(io);
+    mt_io_thread_decref(io);
 }
 
 static void latch_init(mt_latch *l)

@@ -562,6 +562,7 @@ static int drain_completions(mt_loop *self)
             break;
         }
     }
+    mt_sink_return(self->sink); /* the lanes' room, before the loop runs callbacks */
     count_batch(self, n);
     return rc;
 }

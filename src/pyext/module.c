@@ -136,6 +136,7 @@ static PyObject *runtime_stats(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(a))
             put_u64(d, "wakeups_received", snap.wakeups_received) < 0 ||
             put_u64(d, "native_id", (uint64_t)snap.native_id) < 0 ||
             put_u64(d, "cpu_ns", snap.cpu_ns) < 0 || put_u64(d, "wait_ns", snap.wait_ns) < 0 ||
+            put_u64(d, "held_back", snap.held_back) < 0 ||
             PyList_Append(list, d) < 0) {
             Py_XDECREF(d);
             Py_CLEAR(list);

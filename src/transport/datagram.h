@@ -114,6 +114,7 @@ typedef struct mt_dgram {
     mt_msg *out_head, *out_tail; /* SEND messages, in order */
     uint64_t out_units;          /* their units */
     bool reading, starved, want_write, closing, closed;
+    bool held_back;              /* parked: the loop's lane is full */
 } mt_dgram;
 
 /* A new, unattached record around `fd`, which it owns from now on (one

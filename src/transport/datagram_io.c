@@ -97,7 +97,7 @@ static void update_interest(mt_io_thread *io, mt_dgram *d)
 {
     if (d->closed || !d->rec.attached)
         return;
-    unsigned interest = (d->reading && !d->starved && !d->closing ? MT_IO_READ : 0) |
+    unsigned interest = (d->reading && !d->starved && !d->held_back && !d->closing ? MT_IO_READ : 0) |
                         (d->want_write ? MT_IO_WRITE : 0);
     if (mt_io_watch_set(&d->watch, interest) < 0)
         release(io, d, errno, true);
@@ -162,6 +162,11 @@ static void receive(mt_io_thread *io, mt_dgram *d)
     for (int round = 0; round < MT_DGRAM_BATCHES_PER_EVENT; round++) {
         if (!mt_credit_available(&d->credit, MT_DGRAM_CREDIT)) {
             d->starved = true; /* CREDIT turns reading back on */
+            update_interest(io, d);
+            return;
+        }
+        if (!mt_io_lane_open(io, &d->rec)) {
+            d->held_back = true; /* until dgram_resume */
             update_interest(io, d);
             return;
         }
@@ -345,6 +350,17 @@ static void dgram_service(mt_io_thread *io, mt_record *rec, uint32_t control)
         (void)mt_io_thread_emit_op(io, &d->rec, MT_DGRAM_BLOCKED, 0);
 }
 
+static void dgram_resume(mt_io_thread *io, mt_record *rec)
+{
+    mt_dgram *d = (mt_dgram *)rec;
+    d->held_back = false;
+    if (d->closed)
+        return;
+    if (d->reading && !d->starved && !d->closing)
+        receive(io, d); /* before watching again, as a flow does */
+    update_interest(io, d);
+}
+
 static void dgram_drop(mt_io_thread *io, mt_record *rec, bool notify)
 {
     release(io, (mt_dgram *)rec, ECONNABORTED, notify);
@@ -363,6 +379,7 @@ static const mt_record_ops dgram_ops = {
     .service = dgram_service,
     .drop = dgram_drop,
     .destroy = dgram_destroy,
+    .resume = dgram_resume,
 };
 
 mt_dgram *mt_dgram_new(const struct mt_loop_ops *loop_ops, mt_sink *sink, mt_io_thread *io,

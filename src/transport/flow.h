@@ -211,6 +211,8 @@ struct mt_flow {
     unsigned wait_hint;             /* set by an fd op with its EAGAIN (mt_fd_ops) */
     uint8_t read_shift;             /* log2 of the block the next read goes into */
     bool starved;                   /* out of read credit */
+    bool held_back;                 /* parked: its loop's lane is full
+                                       (mt_io_lane_open) */
     bool read_direct;               /* inline flows only: the loop reads the fd
                                        itself on READABLE (mt_flow_set_read_direct) */
     bool read_done;                 /* EOF or a read error seen */

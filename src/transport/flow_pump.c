@@ -44,7 +44,7 @@ static bool filter_has_input(mt_flow *f)
 static bool reading_wanted(mt_flow *f)
 {
     return atomic_load_explicit(&f->want_read, memory_order_relaxed) && !f->starved &&
-           !f->read_done && !f->closing && !filter_busy(f);
+           !f->held_back && !f->read_done && !f->closing && !filter_busy(f);
 }
 
 static void update_interest(mt_io_thread *io, mt_flow *f)
@@ -367,6 +367,11 @@ static void on_readable(mt_io_thread *io, mt_flow *f)
             update_interest(io, f);
             return;
         }
+        if (!mt_io_lane_open(io, &f->rec)) {
+            f->held_back = true;
+            update_interest(io, f);
+            return;
+        }
         size_t block = (size_t)1 << f->read_shift, room = block - sizeof(mt_msg);
         mt_msg *msg = mt_msg_new(MT_FLOW_DATA, &f->rec, room);
         if (msg == NULL) {
@@ -610,6 +615,18 @@ static void flow_service(mt_io_thread *io, mt_record *rec, uint32_t control)
         on_readable(io, f);
 }
 
+static void flow_resume(mt_io_thread *io, mt_record *rec)
+{
+    mt_flow *f = (mt_flow *)rec;
+    f->held_back = false;
+    if (f->closed)
+        return;
+    /* Read before watching again (record.c, park). */
+    if (reading_wanted(f) && f->read_on == MT_IO_READ)
+        on_readable(io, f);
+    update_interest(io, f);
+}
+
 static void flow_drop(mt_io_thread *io, mt_record *rec, bool notify)
 {
     finish_close(io, (mt_flow *)rec, ECONNABORTED, notify);
@@ -634,6 +651,7 @@ static const mt_record_ops flow_ops = {
     .service = flow_service,
     .drop = flow_drop,
     .destroy = flow_destroy,
+    .resume = flow_resume,
 };
 
 mt_flow *mt_flow_new(const mt_fd_ops *fd_ops, const struct mt_loop_ops *loop_ops,
