@@ -1,6 +1,6 @@
 """The servers and clients people run, on each loop (issue #14): uvicorn
-serving an ASGI app (`--loop mtloop:new_event_loop`), Hypercorn serving
-one on the running loop, aiohttp's server and client (bodies, a streamed
+serving an ASGI app (`--loop mtloop:new_event_loop`), Hypercorn and
+Granian serving one on the running loop, aiohttp's server and client (bodies, a streamed
 response, WebSocket echo), and redis-py against a redis-server the test
 starts.  Everything binds to 127.0.0.1; a test
 skips only when its server binary is missing (tools/env.sh installs them).
@@ -256,6 +256,42 @@ def test_redis_rows_round_trip(loop, run, redis_port, impl_name):
 # Hypercorn (its API serves on the running loop; the CLI picks its own)
 
 
+async def asgi_round_trips(connect, server):
+    """Once connect() succeeds (the `server` task must not end first): a
+    GET, a 1 MB POST and a GET over one keep-alive HTTP/1.1 connection.
+    Returns ([(status, ASGI_APP's answer)], the running loop's type)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + START_TIMEOUT
+    while True:
+        try:
+            reader, writer = await connect()
+            break
+        except (ConnectionError, FileNotFoundError):
+            if loop.time() > deadline or server.done():
+                raise
+            await asyncio.sleep(0.05)
+    answers = []
+    body = body_of(1_000_000)
+    for method, payload in (("GET", b""), ("POST", body), ("GET", b"")):
+        writer.write(f"{method} / HTTP/1.1\r\nHost: test\r\n"
+                     f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:"))
+        answers.append((head.split(b" ")[1], (await reader.readexactly(length)).decode()))
+    writer.close()
+    return answers, type(loop)
+
+
+def check_asgi_answers(answers, loop_type):
+    expected_loop = f"{loop_type.__module__}.{loop_type.__qualname__}"
+    assert [status for status, _ in answers] == [b"200"] * 3
+    assert answers[0][1].split() == [expected_loop, "0", hashlib.sha256(b"").hexdigest()]
+    body = body_of(1_000_000)
+    assert answers[1][1].split() == [expected_loop, str(len(body)),
+                                     hashlib.sha256(body).hexdigest()]
+
+
 def test_hypercorn_serves_on_the_running_loop(loop, run, tmp_path):
     """hypercorn.asyncio.serve() on each loop: an ASGI app answers HTTP/1.1
     GETs and a 1 MB POST over one keep-alive connection, then shuts down."""
@@ -277,34 +313,42 @@ def test_hypercorn_serves_on_the_running_loop(loop, run, tmp_path):
         server = asyncio.ensure_future(serve(namespace["app"], config,
                                              shutdown_trigger=stop.wait))
         try:
-            deadline = loop.time() + START_TIMEOUT
-            while True:
-                try:
-                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-                    break
-                except ConnectionError:
-                    if loop.time() > deadline or server.done():
-                        raise
-                    await asyncio.sleep(0.05)
-            answers = []
-            body = body_of(1_000_000)
-            for method, payload in (("GET", b""), ("POST", body), ("GET", b"")):
-                writer.write(f"{method} / HTTP/1.1\r\nHost: test\r\n"
-                             f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                              if line.lower().startswith(b"content-length:"))
-                answers.append((head.split(b" ")[1], (await reader.readexactly(length)).decode()))
-            writer.close()
-            return answers, type(loop)
+            return await asgi_round_trips(
+                lambda: asyncio.open_connection("127.0.0.1", port), server)
         finally:
             stop.set()
             await asyncio.wait_for(server, HANG_TIMEOUT)
 
-    answers, loop_type = run(main(), timeout=60)
-    expected_loop = f"{loop_type.__module__}.{loop_type.__qualname__}"
-    assert [status for status, _ in answers] == [b"200"] * 3
-    assert answers[0][1].split() == [expected_loop, "0", hashlib.sha256(b"").hexdigest()]
-    body = body_of(1_000_000)
-    assert answers[1][1].split() == [expected_loop, str(len(body)),
-                                     hashlib.sha256(body).hexdigest()]
+    check_asgi_answers(*run(main(), timeout=60))
+
+
+# --------------------------------------------------------------------------
+# Granian (its embedded server runs on the running loop; its CLI's --loop
+# offers only its own list)
+
+
+def test_granian_serves_on_the_running_loop(loop, run, tmp_path):
+    """granian.server.embed.Server on each loop: Granian's Rust runtime owns
+    the socket (a Unix one here) and hands each request to the running loop
+    from its own threads; the ASGI app answers GETs and a 1 MB POST over one
+    keep-alive connection, then the server stops."""
+    pytest.importorskip("granian", reason="granian is not installed (tools/env.sh)")
+    from granian.constants import Interfaces
+    from granian.server.embed import Server
+
+    namespace = {}
+    exec(textwrap.dedent(ASGI_APP), namespace)
+    path = tmp_path / "granian.sock"
+
+    async def main():
+        granian = Server(namespace["app"], uds=path, interface=Interfaces.ASGI,
+                         log_enabled=False)
+        server = asyncio.ensure_future(granian.serve())
+        try:
+            return await asgi_round_trips(
+                lambda: asyncio.open_unix_connection(str(path)), server)
+        finally:
+            granian.stop()
+            await asyncio.wait_for(server, HANG_TIMEOUT)
+
+    check_asgi_answers(*run(main(), timeout=60))

@@ -10,7 +10,7 @@
 
 MT_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 MT_SUPPORTED="3.11 3.12 3.13"
-MT_PY_PACKAGES="scikit-build-core>=0.8 cmake>=3.18 ninja pytest>=7 uvloop>=0.19 trustme matplotlib uvicorn aiohttp redis hypercorn"
+MT_PY_PACKAGES="scikit-build-core>=0.8 cmake>=3.18 ninja pytest>=7 uvloop>=0.19 trustme matplotlib uvicorn aiohttp redis hypercorn granian"
 
 mt_log() { printf '[mtloop] %s\n' "$*" >&2; }
 
@@ -65,7 +65,7 @@ mt_pythons() {
 
 # Whether the venv V has every package of MT_PY_PACKAGES; installs them.
 mt_venv_has_packages() {
-  "$1/bin/python" -c 'import scikit_build_core, pytest, uvloop, trustme, ninja, cmake, matplotlib, uvicorn, aiohttp, redis, hypercorn' \
+  "$1/bin/python" -c 'import scikit_build_core, pytest, uvloop, trustme, ninja, cmake, matplotlib, uvicorn, aiohttp, redis, hypercorn, granian' \
     >/dev/null 2>&1
 }
 
