@@ -60,8 +60,9 @@ def runtime_stats() -> list[dict[str, int]]:
     ``bytes_read``, ``bytes_written``, ``accepts``, ``commands`` and
     ``completions`` (handled so far), ``wakeups_sent`` (eventfd writes that
     woke the thread), ``wakeups_received``, ``cpu_ns`` (the thread's CPU
-    time) and ``wait_ns`` (its time asleep, the wait in progress included).
-    Empty before the pool starts and after it stops.  Per loop,
+    time), ``wait_ns`` (its time asleep, the wait in progress included) and
+    ``held_back`` (times it parked a connection because a loop had not yet
+    taken 8 MiB of completions the thread had made for it).  Empty before the pool starts and after it stops.  Per loop,
     ``loop.completion_stats()`` tells how its completions arrived."""
     return _mtloop.runtime_stats()
 
