@@ -16,15 +16,45 @@ import errno
 import os
 import socket
 import ssl
-from asyncio import constants, exceptions, sslproto, trsock
+import weakref
+from asyncio import base_events, constants, exceptions, sslproto, trsock
 from typing import Any, Callable
 
 from . import _mtloop, _tls
-from ._transports import SocketTransport
+from ._transports import SocketTransport, socket_names
 
 __all__ = ["StreamMethods"]
 
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+# Sockets a loop made for its own connections (create_connection's, and
+# create_unix_connection's with a path): nobody else holds them, so their
+# transport takes the descriptor itself instead of a copy.  A socket the
+# caller gave (sock=) keeps working as the caller's object, so its transport
+# works on a dup() and the connection holds two descriptors, as it must:
+# the I/O thread may not use a number that Python code could close.
+_LOOP_MADE: weakref.WeakSet[socket.socket] = weakref.WeakSet()
+
+
+def mark_loop_made(sock: socket.socket) -> socket.socket:
+    _LOOP_MADE.add(sock)
+    return sock
+
+
+def adopt(sock: socket.socket, extra: dict | None) -> tuple[int, tuple[int, int, int], dict] | None:
+    """For a socket the loop made: (its descriptor, detached from the
+    object, its (family, type, proto), `extra` with its names), else None.
+    Without it every client connection held a second descriptor: 10,000 of
+    them ran out of a limit of 20,000 (the --stress echo)."""
+    if sock not in _LOOP_MADE:
+        return None
+    _LOOP_MADE.discard(sock)
+    extra = dict(extra) if extra else {}
+    socket_names(extra, sock)
+    base_events._set_nodelay(sock)
+    sockinfo = (int(sock.family), int(sock.type), sock.proto)
+    return sock.detach(), sockinfo, extra
 
 
 class StreamMethods:
@@ -32,9 +62,18 @@ class StreamMethods:
 
     _mt_listeners: dict[int, Any]
 
+    async def _connect_sock(self, *args: Any, **kwargs: Any) -> socket.socket:
+        # create_connection()'s own socket, connected (BaseEventLoop).
+        return mark_loop_made(await super()._connect_sock(*args, **kwargs))  # type: ignore[misc]
+
     def _make_socket_transport(self, sock: socket.socket, protocol: Any, waiter: Any = None,
                                *, extra: dict | None = None, server: Any = None) -> Any:
-        return SocketTransport(self, sock, protocol, waiter, extra, server)
+        adopted = adopt(sock, extra)
+        if adopted is None:
+            return SocketTransport(self, sock, protocol, waiter, extra, server)
+        fd, sockinfo, extra = adopted
+        return SocketTransport(self, None, protocol, waiter, extra, server, fd=fd,
+                               sockinfo=sockinfo)
 
     def _make_ssl_transport(
             self, rawsock: socket.socket, protocol: Any, sslcontext: Any, waiter: Any = None,
@@ -44,17 +83,25 @@ class StreamMethods:
             ssl_shutdown_timeout: float | None = constants.SSL_SHUTDOWN_TIMEOUT) -> Any:
         reason = _tls.fallback_reason(self, sslcontext)
         _tls.count(reason)
+        sock: socket.socket | None = rawsock
+        fd, sockinfo = -1, None
+        adopted = adopt(rawsock, extra)
+        if adopted is not None:
+            sock = None
+            fd, sockinfo, extra = adopted
         if reason is None:
             session = _tls.new_session(sslcontext, server_side, server_hostname)
-            return _tls.NativeSSLTransport(self, rawsock, protocol, sslcontext, waiter, server_side,
+            return _tls.NativeSSLTransport(self, sock, protocol, sslcontext, waiter, server_side,
                                      None if server_side else server_hostname or None,
                                      extra, server, ssl_handshake_timeout,
-                                     ssl_shutdown_timeout, session=session)
+                                     ssl_shutdown_timeout, session=session, fd=fd,
+                                     sockinfo=sockinfo)
         ssl_protocol = sslproto.SSLProtocol(
             self, protocol, sslcontext, waiter, server_side, server_hostname,
             ssl_handshake_timeout=ssl_handshake_timeout,
             ssl_shutdown_timeout=ssl_shutdown_timeout)
-        SocketTransport(self, rawsock, ssl_protocol, extra=extra, server=server)
+        SocketTransport(self, sock, ssl_protocol, extra=extra, server=server, fd=fd,
+                        sockinfo=sockinfo)
         return ssl_protocol._app_transport
 
     # ---- start_tls ----------------------------------------------------------

@@ -20,6 +20,8 @@ from asyncio import base_events, tasks
 from asyncio.log import logger
 from typing import Any, Callable
 
+from ._streams import mark_loop_made
+
 __all__ = ["UnixSocketMethods"]
 
 # Python 3.13 added create_unix_server(cleanup_socket=True): Server.close()
@@ -180,6 +182,7 @@ class UnixSocketMethods:
                 # Including cancellation: the caller never sees this socket.
                 sock.close()
                 raise
+            mark_loop_made(sock)  # its transport takes the descriptor itself
         else:
             if sock is None:
                 raise ValueError("no path and sock were specified")
