@@ -52,11 +52,6 @@ static _Thread_local bool cache_registered;
 static pthread_key_t cache_key;
 static pthread_once_t setup_once = PTHREAD_ONCE_INIT;
 
-size_t mt_pool_class_size(uint8_t cls)
-{
-    return cls < MT_POOL_CLASSES ? (size_t)1 << (cls + MT_POOL_MIN_SHIFT) : 0;
-}
-
 /* Blocks traded with the depot at a time: about 256 KiB, 2 to 32 blocks.
  * A thread caches at most two batches. */
 static uint32_t batch_of(uint8_t cls)

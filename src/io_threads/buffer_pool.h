@@ -38,8 +38,12 @@
 void *mt_pool_alloc(size_t size, uint8_t *cls);
 void mt_pool_free(void *block, uint8_t cls);
 
-/* Bytes a block of class `cls` can hold (0 for MT_POOL_NONE). */
-size_t mt_pool_class_size(uint8_t cls);
+/* Bytes a block of class `cls` can hold (0 for MT_POOL_NONE).  Inline:
+ * the lanes ask it for every completion, on both sides (runtime.h). */
+static inline size_t mt_pool_class_size(uint8_t cls)
+{
+    return cls < MT_POOL_CLASSES ? (size_t)1 << (cls + MT_POOL_MIN_SHIFT) : 0;
+}
 
 /* Counters for tests and introspection (racy reads, any thread). */
 typedef struct mt_pool_stats {

@@ -256,8 +256,9 @@ struct mt_sink {
     mt_waker waker;
     _Atomic int refs;
     int64_t lane_max;      /* immutable: MT_LANE_HELD_MAX, or a test's */
-    mt_io_thread *ret_io;  /* popped completions of this lane ... */
-    int64_t ret_bytes;     /* ... not yet given back (a reference) */
+    uint64_t ret_lanes;    /* bit i: lane i has popped bytes not given back */
+    int64_t ret_bytes[MT_IO_THREADS_MAX];      /* those bytes, per lane ... */
+    mt_io_thread *ret_io[MT_IO_THREADS_MAX];   /* ... and its thread (a reference) */
     union {
         mt_lane lane;
         char line[64];     /* one cache line each */
@@ -275,14 +276,15 @@ void mt_sink_push(mt_sink *sink, mt_msg *first, mt_msg *last, bool wake);
 /* Loop thread: gives the lanes back what the pops took, at the latest
  * when a pop finds nothing (mt_sink_pop does) and when the sink closes. */
 void mt_sink_return(mt_sink *sink);
-/* Loop thread: `msg`, popped, was charged to the lane of thread `msg->lane`. */
+/* Loop thread: `msg`, popped, was charged to the lane of thread `msg->lane`
+ * (its record's thread). */
 void mt_sink_popped(mt_sink *sink, mt_msg *msg);
 /* Loop thread: the next completion, or NULL (see mt_mpsc_queue_pop). */
 static inline mt_msg *mt_sink_pop(mt_sink *sink)
 {
     mt_mpsc_node *node = mt_mpsc_queue_pop(&sink->queue);
     if (node == NULL) {
-        if (sink->ret_bytes != 0)
+        if (sink->ret_lanes != 0)
             mt_sink_return(sink);
         return NULL;
     }

@@ -39,8 +39,9 @@ mt_sink *mt_sink_new_lanes(int64_t lane_max)
     mt_mpsc_queue_init(&sink->queue);
     atomic_init(&sink->refs, 1);
     sink->lane_max = lane_max;
-    sink->ret_io = NULL;
-    sink->ret_bytes = 0;
+    sink->ret_lanes = 0;
+    memset(sink->ret_bytes, 0, sizeof(sink->ret_bytes));
+    memset(sink->ret_io, 0, sizeof(sink->ret_io));
     memset(sink->lanes, 0, sizeof(sink->lanes));
     for (int i = 0; i < MT_IO_THREADS_MAX; i++)
         mt_credit_init(&sink->lanes[i].lane.held);
@@ -62,8 +63,9 @@ void mt_sink_decref(mt_sink *sink)
         return;
     /* Every completion holds its record, which holds the sink: nothing can
      * be queued any more. */
-    if (sink->ret_io != NULL)
-        mt_io_thread_decref(sink->ret_io);
+    for (int i = 0; i < MT_IO_THREADS_MAX; i++)
+        if (sink->ret_io[i] != NULL)
+            mt_io_thread_decref(sink->ret_io[i]);
     mt_waker_close(&sink->waker);
     free(sink);
 }
@@ -77,34 +79,40 @@ void mt_sink_push(mt_sink *sink, mt_msg *first, mt_msg *last, bool wake)
 
 /* ---- lanes (MT_LANE_HELD_MAX) -------------------------------------------- */
 
-/* Popped bytes go back to their lane in sums of up to an eighth of it, a
- * lane at a time: a return is a locked instruction on a line the I/O
- * thread writes too. */
+/* Popped bytes go back to their lane in sums of up to an eighth of it: a
+ * return is a locked instruction on a line the I/O thread writes too.
+ * Each lane sums on its own, so a loop whose completions alternate between
+ * threads still returns in batches. */
+static void return_lane(mt_sink *sink, int i)
+{
+    mt_io_thread *io = sink->ret_io[i];
+    int64_t n = sink->ret_bytes[i];
+    sink->ret_io[i] = NULL;
+    sink->ret_bytes[i] = 0;
+    sink->ret_lanes &= ~((uint64_t)1 << i);
+    if (mt_credit_return(&sink->lanes[i].lane.held, n, sink->lane_max))
+        mt_io_thread_kick(io);
+    mt_io_thread_decref(io);
+}
 
 void mt_sink_popped(mt_sink *sink, mt_msg *msg)
 {
-    mt_io_thread *io = msg->rec->io; /* the emitter (record.c) */
-    if (io != sink->ret_io) {
-        mt_sink_return(sink);
+    int i = msg->lane;
+    if (sink->ret_io[i] == NULL) {
+        mt_io_thread *io = msg->rec->io; /* the emitter (record.c) */
         mt_io_thread_incref(io);
-        sink->ret_io = io;
+        sink->ret_io[i] = io;
+        sink->ret_lanes |= (uint64_t)1 << i;
     }
-    sink->ret_bytes += (int64_t)mt_pool_class_size(msg->pool_cls);
-    if (sink->ret_bytes >= sink->lane_max / 8)
-        mt_sink_return(sink);
+    sink->ret_bytes[i] += (int64_t)mt_pool_class_size(msg->pool_cls);
+    if (sink->ret_bytes[i] >= sink->lane_max / 8)
+        return_lane(sink, i);
 }
 
 void mt_sink_return(mt_sink *sink)
 {
-    mt_io_thread *io = sink->ret_io;
-    if (io == NULL)
-        return;
-    int64_t n = sink->ret_bytes;
-    sink->ret_io = NULL;
-    sink->ret_bytes = 0;
-    if (mt_credit_return(&sink->lanes[mt_io_thread_index(io)].lane.held, n, sink->lane_max))
-        mt_io_thread_kick(io);
-    mt_io_thread_decref(io);
+    while (sink->ret_lanes != 0)
+        return_lane(sink, __builtin_ctzll(sink->ret_lanes));
 }
 
 static void latch_init(mt_latch *l)
