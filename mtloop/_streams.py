@@ -42,19 +42,21 @@ def mark_loop_made(sock: socket.socket) -> socket.socket:
     return sock
 
 
-def adopt(sock: socket.socket, extra: dict | None) -> tuple[int, tuple[int, int, int], dict] | None:
-    """For a socket the loop made: (its descriptor, detached from the
-    object, its (family, type, proto), `extra` with its names), else None.
-    Without it every client connection held a second descriptor: 10,000 of
-    them ran out of a limit of 20,000 (the --stress echo)."""
+def adopt(sock: socket.socket, extra: dict | None
+          ) -> tuple[socket.socket | None, int, tuple[int, int, int] | None, dict | None]:
+    """SocketTransport's (sock, fd, sockinfo, extra) for `sock`: as it is,
+    or for a socket the loop made, its descriptor detached from the object,
+    with its (family, type, proto) and names.  Without it every client
+    connection held a second descriptor: 10,000 of them ran out of a limit
+    of 20,000 (the --stress echo)."""
     if sock not in _LOOP_MADE:
-        return None
+        return sock, -1, None, extra
     _LOOP_MADE.discard(sock)
     extra = dict(extra) if extra else {}
     socket_names(extra, sock)
     base_events._set_nodelay(sock)
     sockinfo = (int(sock.family), int(sock.type), sock.proto)
-    return sock.detach(), sockinfo, extra
+    return None, sock.detach(), sockinfo, extra
 
 
 class StreamMethods:
@@ -68,11 +70,8 @@ class StreamMethods:
 
     def _make_socket_transport(self, sock: socket.socket, protocol: Any, waiter: Any = None,
                                *, extra: dict | None = None, server: Any = None) -> Any:
-        adopted = adopt(sock, extra)
-        if adopted is None:
-            return SocketTransport(self, sock, protocol, waiter, extra, server)
-        fd, sockinfo, extra = adopted
-        return SocketTransport(self, None, protocol, waiter, extra, server, fd=fd,
+        own, fd, sockinfo, extra = adopt(sock, extra)
+        return SocketTransport(self, own, protocol, waiter, extra, server, fd=fd,
                                sockinfo=sockinfo)
 
     def _make_ssl_transport(
@@ -83,12 +82,7 @@ class StreamMethods:
             ssl_shutdown_timeout: float | None = constants.SSL_SHUTDOWN_TIMEOUT) -> Any:
         reason = _tls.fallback_reason(self, sslcontext)
         _tls.count(reason)
-        sock: socket.socket | None = rawsock
-        fd, sockinfo = -1, None
-        adopted = adopt(rawsock, extra)
-        if adopted is not None:
-            sock = None
-            fd, sockinfo, extra = adopted
+        sock, fd, sockinfo, extra = adopt(rawsock, extra)
         if reason is None:
             session = _tls.new_session(sslcontext, server_side, server_hostname)
             return _tls.NativeSSLTransport(self, sock, protocol, sslcontext, waiter, server_side,
