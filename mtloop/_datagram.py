@@ -15,6 +15,7 @@ lifecycle (mtloop._transports.CoreTransport) and the socket's extra info.
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import os
 import socket
@@ -25,6 +26,7 @@ from typing import Any
 
 from . import _mtloop
 from ._transports import CoreTransport, socket_names
+from ._trsock import PseudoSocket
 
 __all__ = ["DatagramMethods", "DatagramTransport"]
 
@@ -89,25 +91,46 @@ class DatagramTransport(_mtloop.DatagramSendMethods, CoreTransport, transports.D
     """asyncio's DatagramTransport on an mtloop I/O thread."""
 
     # sendto() comes from DatagramSendMethods, in C.
-    __slots__ = ("_sock", "_sock_fd", "_address")
+    __slots__ = ("_sock", "_sock_fd", "_address", "_family", "_open")
 
     max_size = 256 * 1024  # the stock transport's read size (Unix sockets)
 
-    def __init__(self, loop: Any, sock: socket.socket, protocol: Any, address: Any = None,
-                 waiter: Any = None, extra: dict | None = None) -> None:
+    def __init__(self, loop: Any, sock: socket.socket | None, protocol: Any, address: Any = None,
+                 waiter: Any = None, extra: dict | None = None, *, fd: int = -1,
+                 sockinfo: tuple[int, int, int] | None = None) -> None:
+        """Around `sock`, the caller's socket object (the core works on a
+        copy of its descriptor, and `sock` is closed when the connection is
+        lost, as the stock loop closes it), or around `fd`, a socket of the
+        family, type and proto in `sockinfo` that the loop made, which the
+        core takes over even when this raises (names in `extra`)."""
         self._sock = None
-        self._sock_fd = sock.fileno()
+        self._open = False
         self._address = address
         self._lost_scheduled = False
-        # The core works on its own copy of the descriptor; `sock` is
-        # closed when the connection is lost, as the stock loop closes it.
-        self._core = _mtloop.DatagramCore(loop, self._sock_fd, self, protocol, sock.family,
-                                          address, _SENDS_EMPTY, _HEADER_SIZE)
+        if sock is not None:
+            self._sock_fd = sock.fileno()
+            self._family = sock.family
+            self._core = _mtloop.DatagramCore(loop, self._sock_fd, self, protocol, sock.family,
+                                              address, _SENDS_EMPTY, _HEADER_SIZE)
+        else:
+            assert sockinfo is not None
+            self._sock_fd = fd
+            self._family = sockinfo[0]
+            try:
+                self._core = _mtloop.DatagramCore(loop, fd, self, protocol, sockinfo[0], address,
+                                                  _SENDS_EMPTY, _HEADER_SIZE, False)
+            except BaseException:
+                os.close(fd)  # handed over: nobody else closes it
+                raise
         super().__init__(extra, loop)
         try:
-            self._sock = sock
-            self._extra["socket"] = trsock.TransportSocket(sock)
-            socket_names(self._extra, sock)
+            self._open = True
+            if sock is not None:
+                self._sock = sock
+                self._extra["socket"] = trsock.TransportSocket(sock)
+                socket_names(self._extra, sock)
+            else:
+                self._extra["socket"] = trsock.TransportSocket(PseudoSocket(self._core, *sockinfo))
             self._mt_start(protocol, waiter)
         except BaseException:
             self._mt_undo()
@@ -115,12 +138,12 @@ class DatagramTransport(_mtloop.DatagramSendMethods, CoreTransport, transports.D
 
     def __repr__(self) -> str:
         info = [self.__class__.__name__]
-        if self._sock is None:
+        if not self._open:
             info.append("closed")
         elif self._closing:
             info.append("closing")
         info.append(f"fd={self._sock_fd}")
-        if self._sock is not None and not self._closing:
+        if self._open and not self._closing:
             try:
                 info.append(f"bufsize={self.get_write_buffer_size()}")
             except RuntimeError:
@@ -128,7 +151,7 @@ class DatagramTransport(_mtloop.DatagramSendMethods, CoreTransport, transports.D
         return "<{}>".format(" ".join(info))
 
     def __del__(self, _warn: Any = warnings.warn) -> None:
-        if getattr(self, "_sock", None) is not None and not self._lost_scheduled:
+        if getattr(self, "_open", False) and not self._lost_scheduled:
             _warn(f"unclosed transport {self!r}", ResourceWarning, source=self)
             # The core aborts the endpoint when it goes.
             self._mt_lost()
@@ -140,10 +163,14 @@ class DatagramTransport(_mtloop.DatagramSendMethods, CoreTransport, transports.D
         or reported as the stock transport reports socket.sendto()'s
         failure (OSError to error_received(), anything else fatal)."""
         try:
-            target = _numeric_address(self._sock.family, addr)
+            target = _numeric_address(self._family, addr)
             if target is None:
                 # A family the core has no parser for: sent from here.
-                self._sock.sendto(data, addr)
+                if self._sock is not None:
+                    self._sock.sendto(data, addr)
+                else:
+                    PseudoSocket(self._core, self._family, socket.SOCK_DGRAM, 0)._call(
+                        "sendto", data, addr)
                 return
         except (BlockingIOError, InterruptedError):
             return  # the socket is full: dropped, as the kernel drops
@@ -172,6 +199,7 @@ class DatagramTransport(_mtloop.DatagramSendMethods, CoreTransport, transports.D
     # ---- the end of the endpoint -------------------------------------------------
 
     def _mt_lost(self) -> None:
+        self._open = False
         sock, self._sock = self._sock, None
         if sock is not None:
             sock.close()
@@ -180,9 +208,33 @@ class DatagramTransport(_mtloop.DatagramSendMethods, CoreTransport, transports.D
         self._mt_lost()
 
 
+# Set while create_datagram_endpoint() makes its own socket (no sock=):
+# the transport then takes that socket's descriptor over instead of a
+# dup(), so an endpoint holds one descriptor, as with the stock loop.  A
+# context variable, so that endpoints made concurrently by other tasks (or
+# a direct call of the hook) are told apart.
+_LOOP_MAKES_SOCKET: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "mtloop_datagram_socket_is_loop_made", default=False)
+
+
 class DatagramMethods:
-    """Mixin for mtloop.Loop: the hook of BaseEventLoop.create_datagram_endpoint()."""
+    """Mixin for mtloop.Loop: the hooks of BaseEventLoop.create_datagram_endpoint()."""
+
+    async def create_datagram_endpoint(self, protocol_factory: Any, local_addr: Any = None,
+                                       remote_addr: Any = None, **kwargs: Any) -> Any:
+        token = _LOOP_MAKES_SOCKET.set(kwargs.get("sock") is None)
+        try:
+            return await super().create_datagram_endpoint(  # type: ignore[misc]
+                protocol_factory, local_addr, remote_addr, **kwargs)
+        finally:
+            _LOOP_MAKES_SOCKET.reset(token)
 
     def _make_datagram_transport(self, sock: socket.socket, protocol: Any, address: Any = None,
                                  waiter: Any = None, extra: dict | None = None) -> Any:
-        return DatagramTransport(self, sock, protocol, address, waiter, extra)
+        if not _LOOP_MAKES_SOCKET.get():
+            return DatagramTransport(self, sock, protocol, address, waiter, extra)
+        extra = dict(extra) if extra else {}
+        socket_names(extra, sock)
+        sockinfo = (int(sock.family), int(sock.type), sock.proto)
+        return DatagramTransport(self, None, protocol, address, waiter, extra,
+                                 fd=sock.detach(), sockinfo=sockinfo)

@@ -218,6 +218,72 @@ def test_existing_socket(loop, run):
     assert fileno == -1  # closed with the transport
 
 
+def open_descriptors():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_an_endpoint_holds_one_descriptor(loop, run):
+    """An endpoint whose socket the loop made holds one descriptor, as with
+    the stock loop (mtloop's used to hold a copy as well), and gives it back
+    on close; one made from a caller's socket (sock=), even concurrently
+    with the others, keeps that socket object working until it is closed.
+    get_extra_info('socket') answers for both."""
+    n = 40
+
+    async def main():
+        # One endpoint first: an I/O thread's own descriptors are made then.
+        first, first_proto = await loop.create_datagram_endpoint(lambda: Recorder(loop),
+                                                                 local_addr=("127.0.0.1", 0))
+        # What an endpoint on a caller's socket costs on this loop (mtloop
+        # works on a copy, so that Python code cannot close its descriptor
+        # under the I/O thread).
+        alone = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        alone.bind(("127.0.0.1", 0))
+        start = open_descriptors()
+        alone_transport, alone_proto = await loop.create_datagram_endpoint(
+            asyncio.DatagramProtocol, sock=alone)
+        given_cost = open_descriptors() - start
+        alone_transport.close()
+        while alone.fileno() >= 0:
+            await asyncio.sleep(0.001)
+        given = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        given.bind(("127.0.0.1", 0))
+        before = open_descriptors()
+        made = [loop.create_datagram_endpoint(lambda: Echo(loop), local_addr=("127.0.0.1", 0))
+                for _ in range(n)]
+        endpoints = await asyncio.gather(
+            *made[:n // 2], loop.create_datagram_endpoint(lambda: Echo(loop), sock=given),
+            *made[n // 2:])
+        during = open_descriptors() - given_cost
+        assert given.fileno() >= 0
+        for transport, _ in endpoints:
+            sock = transport.get_extra_info("socket")
+            assert sock.getsockname() == transport.get_extra_info("sockname")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST) == 1
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
+            peer.settimeout(5)
+            for transport, _ in endpoints[::8]:
+                peer.sendto(b"ping", transport.get_extra_info("sockname"))
+                reply = await loop.run_in_executor(None, peer.recvfrom, 100)
+                assert reply == (b"ping", transport.get_extra_info("sockname"))
+        for transport, proto in endpoints:
+            transport.close()
+            await proto.lost
+        first.close()
+        await first_proto.lost
+        deadline = loop.time() + 5
+        while open_descriptors() > before - 2 and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        return before, during, open_descriptors(), given.fileno()
+
+    before, during, after, given_fileno = run(main())
+    # n made by the loop; the caller's socket is counted in `before`.
+    assert during - before == n, (before, during)
+    assert after == before - 2, (before, during, after)  # also the caller's and `first`'s
+    assert given_fileno == -1  # closed with its transport, as the stock loop closes it
+
+
 def test_datagrams_arrive_whole_and_in_order(loop, run):
     # 100,000 datagrams of 20 bytes to 8 KiB, each carrying its sequence
     # number and a digest of its payload, in windows of 16 (so the receive

@@ -8,10 +8,13 @@
  * completion (the bytes and the sender's address), each sendto() as its
  * own SEND command, so datagrams are never merged, split or reordered.
  *
- * The record owns a dup() of the socket from creation and closes it when
- * the I/O thread releases the record (or on destroy, if no thread ever
- * took it); the loop half keeps the Python socket object, whose own
- * descriptor it closes when the connection is lost, as the stock loop does.
+ * The record owns its fd from creation, with two holds (fd_holds.h): the
+ * I/O thread's, dropped when it releases the record, and the loop half's,
+ * dropped when the transport lets go at connection_lost.  The fd is the
+ * socket the loop made for create_datagram_endpoint() (the Python object
+ * detached from it), or a dup() of a socket the caller passed as `sock=`,
+ * which stays the caller's object and is closed at connection_lost, as the
+ * stock loop closes it.
  *
  * Write accounting follows asyncio's datagram transport: each queued
  * datagram counts its length plus `overhead` (asyncio counts a header of 8
@@ -24,6 +27,7 @@
 
 #include "io_threads/credit.h"
 #include "io_threads/runtime.h"
+#include "transport/fd_holds.h"
 #include "transport/out_marks.h"
 
 /* Opcodes. */
@@ -94,13 +98,14 @@ static inline int64_t mt_dgram_charge(size_t n)
 #define MT_DGRAM_READ_MAX_UNIX (256 * 1024)
 #define MT_DGRAM_READ_MAX_IP (64 * 1024)
 
-/* Ownership: `fd` belongs to the record (closed by the owning I/O thread
- * when it releases it); `family`, `read_max`, `overhead` are immutable;
- * `credit` and `marks` are shared atomics (credit.h, out_marks.h); the rest
- * belongs to the owning I/O thread. */
+/* Ownership: `fd`, `family`, `read_max`, `overhead` are immutable (the fd
+ * closes with its last hold); `fd_holds`, `credit` and `marks` are shared
+ * atomics (fd_holds.h, credit.h, out_marks.h); the rest belongs to the
+ * owning I/O thread. */
 typedef struct mt_dgram {
     mt_record rec;
     int fd;
+    _Atomic int fd_holds;        /* the I/O thread's and the loop half's */
     int family;
     uint32_t read_max;
     uint32_t overhead;           /* counted per datagram on top of its bytes */
@@ -122,6 +127,13 @@ typedef struct mt_dgram {
  * caller's. */
 mt_dgram *mt_dgram_new(const struct mt_loop_ops *loop_ops, mt_sink *sink, mt_io_thread *io,
                        int fd, int family, uint32_t overhead);
+
+/* Drops one hold on the fd (the I/O thread's when it released the record,
+ * the loop half's when it lets go); the last closes it.  Any thread. */
+static inline void mt_dgram_drop_fd(mt_dgram *d)
+{
+    mt_fd_hold_drop(d->fd, &d->fd_holds);
+}
 
 /* The units of a SEND: what it adds to the write-buffer size. */
 static inline uint64_t mt_dgram_units(const mt_dgram *d, size_t len)

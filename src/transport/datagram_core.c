@@ -69,6 +69,7 @@ static void release_dgram(mt_dgram_core *self)
     mt_loop_unlink(self->loop, &d->rec);
     d->rec.owner = NULL;
     self->dgram = NULL;
+    mt_dgram_drop_fd(d);
     mt_record_decref(&d->rec);
 }
 
@@ -520,13 +521,13 @@ static PyObject *core_set_protocol(mt_dgram_core *self, PyObject *protocol)
 static PyObject *core_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"loop", "fd", "transport", "protocol", "family", "address",
-                             "sends_empty", "header_size", NULL};
+                             "sends_empty", "header_size", "dup", NULL};
     PyObject *loop_obj, *transport, *protocol, *address = Py_None;
-    int fd, family, sends_empty = 1;
+    int fd, family, sends_empty = 1, dup = 1;
     unsigned int header_size = 8;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!iOOi|OpI:DatagramCore", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!iOOi|OpIp:DatagramCore", kwlist,
                                      &mt_LoopCoreType, &loop_obj, &fd, &transport, &protocol,
-                                     &family, &address, &sends_empty, &header_size))
+                                     &family, &address, &sends_empty, &header_size, &dup))
         return NULL;
     if (fd < 0) {
         PyErr_SetString(PyExc_ValueError, "invalid file descriptor");
@@ -545,16 +546,19 @@ static PyObject *core_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->family = family;
     self->sends_empty = sends_empty;
     mt_out_view_init(&self->out, DEFAULT_HIGH_WATER);
-    /* The record works on its own copy: the socket object stays the
-     * user's, closed when the connection is lost. */
-    int own = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    /* A socket object's descriptor is copied (dup=True): the object stays
+     * the caller's, closed when the connection is lost, and no Python code
+     * can close the record's fd under the I/O thread.  With dup=False the
+     * record takes `fd` over, once it is made. */
+    int own = dup ? fcntl(fd, F_DUPFD_CLOEXEC, 0) : fd;
     if (own < 0) {
         Py_DECREF(self);
         return PyErr_SetFromErrno(PyExc_OSError);
     }
     self->dgram = mt_dgram_new(&dgram_loop_ops, loop->sink, io, own, family, header_size);
     if (self->dgram == NULL) {
-        close(own);
+        if (dup)
+            close(own);
         Py_DECREF(self);
         return PyErr_NoMemory();
     }
@@ -597,9 +601,11 @@ static void core_dealloc(mt_dgram_core *self)
         /* Not linked: the loop's list would have kept this object. */
         if (!self->closed && self->loop->fork_generation == mt_fork_generation())
             signal_dgram(self, MT_DGRAM_ABORT);
-        self->dgram->rec.owner = NULL;
-        mt_record_decref(&self->dgram->rec);
+        mt_dgram *d = self->dgram;
+        d->rec.owner = NULL;
         self->dgram = NULL;
+        mt_dgram_drop_fd(d);
+        mt_record_decref(&d->rec);
     }
     core_clear(self);
     Py_CLEAR(self->loop);
@@ -639,8 +645,15 @@ static PyObject *get_io_thread(mt_dgram_core *self, void *Py_UNUSED(c))
     return PyLong_FromLong(mt_io_thread_index(self->dgram->rec.io));
 }
 
+static PyObject *get_fd(mt_dgram_core *self, void *Py_UNUSED(c))
+{
+    return PyLong_FromLong(self->dgram ? self->dgram->fd : -1);
+}
+
 static PyGetSetDef core_getset[] = {
     {"protocol", (getter)get_protocol, NULL, "The protocol datagrams are delivered to.", NULL},
+    {"fd", (getter)get_fd, NULL, "The record's descriptor while this half holds it; -1 after.",
+     NULL},
     {"protocol_paused", (getter)get_paused_flag, (setter)set_paused_flag,
      "Whether pause_writing() was called and resume_writing() not yet.", NULL},
     {"io_thread", (getter)get_io_thread, NULL, "Index of the owning I/O thread.", NULL},

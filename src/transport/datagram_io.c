@@ -128,8 +128,7 @@ static void release(mt_io_thread *io, mt_dgram *d, int err, bool notify)
         mt_io_watch_close(&d->watch);
         atomic_fetch_sub_explicit(&mt_io_thread_stats(io)->transports, 1, memory_order_relaxed);
     }
-    close(d->fd);
-    d->fd = -1;
+    mt_dgram_drop_fd(d);
     if (notify)
         mt_record_release(io, &d->rec, err);
     mt_record_detach(io, &d->rec);
@@ -369,8 +368,7 @@ static void dgram_drop(mt_io_thread *io, mt_record *rec, bool notify)
 static void dgram_destroy(mt_record *rec)
 {
     mt_dgram *d = (mt_dgram *)rec;
-    if (d->fd >= 0)
-        close(d->fd); /* never reached an I/O thread */
+    mt_fd_holds_end(d->fd, &d->fd_holds);
     free(d);
 }
 
@@ -390,6 +388,7 @@ mt_dgram *mt_dgram_new(const struct mt_loop_ops *loop_ops, mt_sink *sink, mt_io_
         return NULL;
     mt_record_init(&d->rec, &dgram_ops, loop_ops, sink, io);
     d->fd = fd;
+    mt_fd_holds_init(&d->fd_holds);
     d->family = family;
     d->read_max = family == AF_UNIX ? MT_DGRAM_READ_MAX_UNIX : MT_DGRAM_READ_MAX_IP;
     d->overhead = overhead;

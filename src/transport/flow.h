@@ -33,6 +33,7 @@
 
 #include "io_threads/credit.h"
 #include "io_threads/runtime.h"
+#include "transport/fd_holds.h"
 #include "transport/out_marks.h"
 
 /* An I/O thread stops reading a flow once this much is delivered to the
@@ -187,7 +188,7 @@ struct mt_flow {
     mt_record rec;
     const mt_fd_ops *fd_ops;        /* immutable */
     int fd;                         /* immutable; closed by the last hold */
-    _Atomic int fd_holds;           /* the I/O thread's and the loop half's */
+    _Atomic int fd_holds;           /* the I/O thread's and the loop half's (fd_holds.h) */
 
     /* Shared. */
     _Atomic bool want_read;         /* loop: the protocol reads (then signal READING) */

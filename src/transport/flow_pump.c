@@ -485,8 +485,7 @@ ssize_t mt_flow_read_direct(mt_flow *f, void *buf, size_t len)
 
 void mt_flow_drop_fd(mt_flow *f)
 {
-    if (atomic_fetch_sub_explicit(&f->fd_holds, 1, memory_order_acq_rel) == 1)
-        close(f->fd);
+    mt_fd_hold_drop(f->fd, &f->fd_holds);
 }
 
 static void finish_close(mt_io_thread *io, mt_flow *f, int err, bool notify)
@@ -641,8 +640,7 @@ static void flow_destroy(mt_record *rec)
         close(f->sf_fd);
     if (f->fd_ops->release)
         f->fd_ops->release(f, true);
-    if (atomic_load_explicit(&f->fd_holds, memory_order_acquire) > 0)
-        close(f->fd);
+    mt_fd_holds_end(f->fd, &f->fd_holds);
     free(f);
 }
 
@@ -663,7 +661,7 @@ mt_flow *mt_flow_new(const mt_fd_ops *fd_ops, const struct mt_loop_ops *loop_ops
     mt_record_init(&f->rec, &flow_ops, loop_ops, sink, io);
     f->fd_ops = fd_ops;
     f->fd = fd;
-    atomic_init(&f->fd_holds, 2);
+    mt_fd_holds_init(&f->fd_holds);
     f->sf_fd = -1;
     f->read_on = MT_IO_READ;
     f->write_on = MT_IO_WRITE;

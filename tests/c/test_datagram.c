@@ -335,7 +335,13 @@ static void test_close_flushes_sends(void **state)
     assert_int_equal(g.released_err, 0);
     assert_int_equal(g.after_released, 0);
     assert_int_equal(atomic_load(&g.d->marks.flushed), units);
-    assert_int_equal(g.d->fd, -1); /* the I/O thread closed its socket */
+    /* The I/O thread let go of the fd; the loop half's hold keeps it open
+     * (its number cannot be reused under the loop) until it lets go too. */
+    assert_int_equal(atomic_load(&g.d->fd_holds), 1);
+    assert_true(fcntl(sv[0], F_GETFD) >= 0);
+    mt_dgram_drop_fd(g.d);
+    assert_int_equal(fcntl(sv[0], F_GETFD), -1);
+    assert_int_equal(errno, EBADF);
     assert_int_equal(recv(sv[1], buf, sizeof(buf), MSG_DONTWAIT), -1);
     close(sv[1]);
 }
