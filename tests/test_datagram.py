@@ -8,6 +8,7 @@ or reordered on loopback).
 """
 
 import asyncio
+import errno
 import hashlib
 import os
 import socket
@@ -153,6 +154,34 @@ def test_sendto_errors(loop, run):
         transport.sendto(b"after close")  # dropped, as on the stock loop
 
     run(main())
+
+
+def test_a_failed_send_is_reported_and_the_next_goes_out(loop, run):
+    """A datagram the kernel refuses (too large for IPv4) goes to
+    error_received() as the OSError that sendto() raised, is dropped, and the
+    endpoint sends the next one; whether the loop sent it itself or queued
+    it first."""
+    async def main():
+        server, proto = await loop.create_datagram_endpoint(lambda: Recorder(loop),
+                                                            local_addr=("127.0.0.1", 0))
+        client, client_proto = await loop.create_datagram_endpoint(
+            lambda: Recorder(loop), local_addr=("127.0.0.1", 0))
+        addr = server.get_extra_info("sockname")
+        for i in range(3):
+            client.sendto(b"x" * 70_000, addr)
+            client.sendto(b"fits %d" % i, addr)
+            await proto.wait_for(i + 1)
+        while len(client_proto.errors) < 3:
+            client_proto.arrived.clear()
+            await asyncio.wait_for(client_proto.arrived.wait(), 5)
+        client.close()
+        server.close()
+        return [d for d, _ in proto.datagrams], client_proto.errors
+
+    got, errors = run(main())
+    assert got == [b"fits 0", b"fits 1", b"fits 2"]
+    assert [e.errno for e in errors] == [errno.EMSGSIZE] * 3
+    assert all(type(e) is OSError for e in errors)
 
 
 def test_argument_errors(loop, run):

@@ -673,9 +673,12 @@ void mt_loop_unlink(mt_loop *loop, mt_record *rec)
     Py_DECREF((PyObject *)rec->owner);
 }
 
-bool mt_loop_idle(mt_loop *loop)
+bool mt_loop_may_send_directly(mt_loop *loop, mt_io_thread *io)
 {
-    return mt_ready_queue_len(&loop->ready) == 0 && mt_mpsc_queue_is_empty(&loop->sink->queue);
+    if (mt_io_thread_is_inline(io))
+        return true;
+    return mt_ready_queue_len(&loop->ready) == 0 && mt_mpsc_queue_is_empty(&loop->sink->queue) &&
+           mt_io_thread_sleeping(io) && !mt_io_thread_stopped(io);
 }
 
 /* Makes every I/O thread let go of this loop's records, waiting (without

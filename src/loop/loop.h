@@ -138,8 +138,14 @@ mt_io_thread *mt_loop_pick_io(mt_loop *loop);
  * on it.  mt_loop_unlink takes it off (and drops that reference). */
 void mt_loop_link(mt_loop *loop, mt_record *rec);
 void mt_loop_unlink(mt_loop *loop, mt_record *rec);
-/* True when the loop has nothing to do right now but wait: no ready
- * callback and no completion queued.  A hint for the direct send. */
-bool mt_loop_idle(mt_loop *loop);
+/* Whether the loop thread may send a record's output itself now instead of
+ * queueing it for `io`, the record's I/O thread: always with inline I/O
+ * (this thread is the I/O thread, and asyncio tries the socket first too);
+ * otherwise only when that saves a wakeup and nothing else waits for the
+ * loop: `io` sleeps (and runs), and the loop has no ready callback or
+ * completion queued.  Under a burst the I/O thread sends (batched) while
+ * the loop thread runs Python.  The caller makes sure that nothing of the
+ * record's is queued ahead (its output marks). */
+bool mt_loop_may_send_directly(mt_loop *loop, mt_io_thread *io);
 
 #endif

@@ -464,11 +464,9 @@ static size_t direct_send(mt_stream_core *self, const char *buf, size_t len)
     if ((len > MT_DIRECT_SEND_MAX && !inline_io) || self->closing || self->closed ||
         self->sendfile_running || !f->fd_ops->loop_may_write)
         return 0;
-    if (!inline_io && !mt_loop_idle(self->loop))
+    if (!mt_loop_may_send_directly(self->loop, f->rec.io))
         return 0;
     if (atomic_load_explicit(&f->marks.flushed, memory_order_acquire) != self->out.queued)
-        return 0;
-    if (!inline_io && (!mt_io_thread_sleeping(f->rec.io) || mt_io_thread_stopped(f->rec.io)))
         return 0;
     struct iovec iov = {.iov_base = (void *)buf, .iov_len = len};
     ssize_t n = f->fd_ops->writev(f, &iov, 1);
