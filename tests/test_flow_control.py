@@ -67,7 +67,9 @@ async def fill_until_stuck(t, p, chunk):
     """Write ``chunk`` until the protocol is paused and stays paused with the
     buffer above the high-water mark, i.e. the kernel buffers are full too
     (an implementation that sends from another thread may pause and resume
-    a few times while the kernel still takes data).  Returns bytes written."""
+    a few times while the kernel still takes data; and a kernel may take more
+    once, about 90 ms after the first burst, with the peer still not reading,
+    so stuck means 150 ms without a resume).  Returns bytes written."""
     high = t.get_write_buffer_limits()[1]
     written = 0
     while True:
@@ -76,7 +78,7 @@ async def fill_until_stuck(t, p, chunk):
         written += len(chunk)
         await asyncio.sleep(0)
         if p.paused and p.paused[-1] == "pause":
-            await settle(3)
+            await settle(15)
             if p.paused[-1] == "pause" and t.get_write_buffer_size() > high:
                 return written
 
