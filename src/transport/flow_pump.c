@@ -350,6 +350,16 @@ static void run_filter(mt_io_thread *io, mt_flow *f)
 
 /* ---- the input side ------------------------------------------------------- */
 
+bool mt_flow_read_sized(mt_flow *f, size_t n, size_t room)
+{
+    bool sparse = n <= room / 4;
+    if (n == room && f->read_shift < MT_READ_MAX_SHIFT)
+        f->read_shift++;
+    else if (sparse && f->read_shift > MT_READ_MIN_SHIFT)
+        f->read_shift--;
+    return sparse;
+}
+
 /* Reads straight into a completion record the size of one pool block
  * (sized per flow, see flow.h), so a read is copied once (kernel to
  * record) before the loop makes its bytes object.  A read that fills
@@ -357,7 +367,9 @@ static void run_filter(mt_io_thread *io, mt_flow *f)
  * the block goes back to this thread's pool cache at once. */
 static void on_readable(mt_io_thread *io, mt_flow *f)
 {
-    if (f->read_direct) {
+    if (f->read_direct == MT_READ_DIRECT_ALWAYS ||
+        (f->read_direct == MT_READ_DIRECT_LARGE &&
+         mt_flow_read_block(f) > MT_READ_DIRECT_LARGE_MIN)) {
         emit(io, f, MT_FLOW_READABLE, 0); /* the loop reads: see flow.h */
         return;
     }
@@ -382,12 +394,7 @@ static void on_readable(mt_io_thread *io, mt_flow *f)
         }
         ssize_t n = f->fd_ops->read(f, mt_msg_data(msg), room);
         if (n > 0) {
-            bool sparse = (size_t)n + sizeof(mt_msg) <= block / 4;
-            if ((size_t)n == room && f->read_shift < MT_READ_MAX_SHIFT)
-                f->read_shift++; /* the next read's block: see flow.h */
-            else if (sparse && f->read_shift > MT_READ_MIN_SHIFT)
-                f->read_shift--;
-            if (sparse) {
+            if (mt_flow_read_sized(f, (size_t)n, room)) {
                 mt_msg *small = mt_msg_new(MT_FLOW_DATA, &f->rec, (size_t)n);
                 if (small != NULL) {
                     memcpy(mt_msg_data(small), mt_msg_data(msg), (size_t)n);
@@ -455,11 +462,12 @@ static void on_watch(mt_io_watch *w, unsigned events)
     mt_record_decref(&f->rec);
 }
 
-void mt_flow_set_read_direct(mt_flow *f, bool on)
+void mt_flow_set_read_direct(mt_flow *f, int mode)
 {
     /* Only an inline flow's field is this thread's to write. */
     if (mt_io_thread_is_inline(f->rec.io))
-        f->read_direct = on && f->fd_ops->open == NULL && f->fd_ops->has_input == NULL;
+        f->read_direct = f->fd_ops->open == NULL && f->fd_ops->has_input == NULL
+                             ? (uint8_t)mode : MT_READ_DIRECT_OFF;
 }
 
 ssize_t mt_flow_read_direct(mt_flow *f, void *buf, size_t len)

@@ -240,11 +240,11 @@ static PyObject *call_method_with(PyObject **slot, PyObject *protocol, const cha
     return res;
 }
 
-static int deliver_bytes(mt_stream_core *self, const char *data, size_t n)
+static const char no_memory_for_data[] = "Fatal error: out of memory for received data.";
+
+/* protocol.data_received(bytes), taking the reference. */
+static int deliver_object(mt_stream_core *self, PyObject *bytes)
 {
-    PyObject *bytes = PyBytes_FromStringAndSize(data, (Py_ssize_t)n);
-    if (bytes == NULL)
-        return protocol_failed(self, "Fatal error: out of memory for received data.");
     PyObject *res = call_method_with(&self->data_received, self->protocol, "data_received",
                                      bytes);
     Py_DECREF(bytes);
@@ -252,6 +252,14 @@ static int deliver_bytes(mt_stream_core *self, const char *data, size_t n)
         return protocol_failed(self, "Fatal error: protocol.data_received() call failed.");
     Py_DECREF(res);
     return 0;
+}
+
+static int deliver_bytes(mt_stream_core *self, const char *data, size_t n)
+{
+    PyObject *bytes = PyBytes_FromStringAndSize(data, (Py_ssize_t)n);
+    if (bytes == NULL)
+        return protocol_failed(self, no_memory_for_data);
+    return deliver_object(self, bytes);
 }
 
 /* 1: `view` holds the protocol's next buffer (get_buffer(-1)), writable
@@ -366,40 +374,110 @@ static bool reading_held(mt_stream_core *self)
     return self->reading_paused || self->deferred_head != NULL;
 }
 
-/* An inline flow's protocol reads into its own buffers (flow.h, direct
- * reads) while it is a BufferedProtocol. */
+/* An inline flow's protocol reads straight from the fd (flow.h, direct
+ * reads): always into a BufferedProtocol's buffers, into data_received()'s
+ * bytes while the reads are large; never while hand_over() keeps what the
+ * flow reads for take_held(). */
 static void update_read_direct(mt_stream_core *self)
 {
     if (self->flow != NULL)
-        mt_flow_set_read_direct(self->flow, self->buffered && !self->keep_held);
+        mt_flow_set_read_direct(self->flow, self->keep_held ? MT_READ_DIRECT_OFF
+                                            : self->buffered ? MT_READ_DIRECT_ALWAYS
+                                                             : MT_READ_DIRECT_LARGE);
 }
 
-/* READABLE: reads into the protocol's buffers until the fd has no more,
- * as asyncio's BufferedProtocol path reads, with the end of the stream or
- * an error reported after the data before it.  Anything that stops it
- * (pause_reading(), close(), a new protocol) leaves the rest in the
- * kernel, and the level-triggered watch reports it again. */
+/* A direct read whose block has shrunk to this size (the flow's reads
+ * got small while it read directly) goes through a buffer on the stack
+ * and is copied into a bytes object of its own size, as uvloop reads:
+ * allocating a block-sized object and shrinking it cost 1.10x the CPU per
+ * request at 1 KiB x1 (tools/bench.py --full -k protocol, inline). */
+#define MT_READ_COPY_MAX ((size_t)16 * 1024)
+
+/* A direct read for data_received(): what read() returns, the bytes object
+ * in *out when positive, *room the size offered; -2 with a MemoryError set
+ * when there was no memory for the object (the bytes read are lost then:
+ * the caller fails the connection).  A large read goes into a new object
+ * sized as the flow's records are (less the object's header, so that the
+ * allocation is the block), cut to what the read returned, as asyncio's
+ * selector transport reads (recv() into a new object of max_size, then
+ * shrunk): the bytes are copied once, by the kernel. */
+static ssize_t read_into_bytes(mt_flow *f, PyObject **out, size_t *room)
+{
+    size_t block = mt_flow_read_block(f);
+    ssize_t n;
+    if (block <= MT_READ_COPY_MAX) {
+        char buf[MT_READ_COPY_MAX];
+        *room = sizeof(buf);
+        n = mt_flow_read_direct(f, buf, sizeof(buf));
+        if (n <= 0)
+            return n;
+        (void)mt_flow_read_sized(f, (size_t)n, *room);
+        return (*out = PyBytes_FromStringAndSize(buf, n)) == NULL ? -2 : n;
+    }
+    *room = block - offsetof(PyBytesObject, ob_sval) - 1;
+    PyObject *bytes = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)*room);
+    if (bytes == NULL)
+        return -2;
+    n = mt_flow_read_direct(f, PyBytes_AS_STRING(bytes), *room);
+    if (n <= 0) {
+        int err = errno;
+        Py_DECREF(bytes);
+        errno = err;
+        return n;
+    }
+    (void)mt_flow_read_sized(f, (size_t)n, *room);
+    if ((size_t)n < *room && _PyBytes_Resize(&bytes, n) < 0)
+        return -2;
+    *out = bytes;
+    return n;
+}
+
+/* READABLE: reads until the fd has no more, into the protocol's buffers
+ * (as asyncio's BufferedProtocol path reads) or into the bytes objects
+ * data_received() gets, with the end of the stream or an error reported
+ * after the data before it.  Anything that stops it (pause_reading(),
+ * close(), a new protocol) leaves the rest in the kernel, and the
+ * level-triggered watch reports it again. */
 static int read_direct(mt_stream_core *self)
 {
     for (int round = 0; round < MT_READS_PER_EVENT; round++) {
-        /* read_direct follows the protocol and hand_over() (update_read_direct). */
+        /* read_direct follows hand_over() (update_read_direct). */
         mt_flow *f = self->flow;
-        if (f == NULL || !f->read_direct || self->closed || self->closing || reading_held(self))
+        if (f == NULL || f->read_direct == MT_READ_DIRECT_OFF || self->closed || self->closing ||
+            reading_held(self))
             return 0;
-        Py_buffer view;
-        int rc = protocol_buffer(self, &view);
-        if (rc <= 0)
-            return rc;
-        size_t room = (size_t)view.len;
-        ssize_t n = mt_flow_read_direct(f, view.buf, room);
-        int err = errno;
-        PyBuffer_Release(&view);
-        if (n > 0) {
-            if ((rc = buffer_updated(self, (size_t)n)) <= 0)
+        int rc;
+        ssize_t n;
+        size_t room;
+        int err;
+        if (!self->buffered) {
+            PyObject *bytes = NULL;
+            n = read_into_bytes(f, &bytes, &room);
+            err = errno;
+            if (n == -2)
+                return protocol_failed(self, no_memory_for_data);
+            if (n > 0) {
+                if ((rc = deliver_object(self, bytes)) < 0)
+                    return rc;
+                if ((size_t)n < room)
+                    return 0;
+                continue;
+            }
+        } else {
+            Py_buffer view;
+            if ((rc = protocol_buffer(self, &view)) <= 0)
                 return rc;
-            if ((size_t)n < room)
-                return 0;
-            continue;
+            room = (size_t)view.len;
+            n = mt_flow_read_direct(f, view.buf, room);
+            err = errno;
+            PyBuffer_Release(&view);
+            if (n > 0) {
+                if ((rc = buffer_updated(self, (size_t)n)) <= 0)
+                    return rc;
+                if ((size_t)n < room)
+                    return 0;
+                continue;
+            }
         }
         if (n == 0)
             return call_transport(self, "_mt_eof", "()");
