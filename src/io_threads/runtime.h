@@ -320,7 +320,8 @@ typedef struct mt_io_stats {
     _Atomic uint64_t accepts;
     _Atomic uint64_t commands;
     _Atomic uint64_t completions;
-    _Atomic uint64_t reads_direct; /* inline only: reads into a protocol's own buffer */
+    _Atomic uint64_t reads_direct; /* inline only: reads into a protocol's own buffer
+                                      or bytes object (flow.h, direct reads) */
     _Atomic uint64_t held_back;    /* records parked for a full lane (mt_io_lane_open) */
     _Atomic uint64_t wait_ns;      /* time asleep in the thread's wait */
 } mt_io_stats;

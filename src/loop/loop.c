@@ -1241,8 +1241,8 @@ static PyMethodDef loop_methods[] = {
      "Spin up to this many microseconds before each wait (0: never)."},
     {"inline_stats", (PyCFunction)loop_inline_stats, METH_NOARGS,
      "With io_threads=0: the counters runtime_stats() gives for an I/O thread, for the "
-     "loop's own I/O (no thread or wakeup keys), and reads_direct (reads made straight into "
-     "a BufferedProtocol's buffer); None before the loop has a transport or server, and for "
+     "loop's own I/O (no thread or wakeup keys), and reads_direct (reads the loop made itself, "
+     "straight into a protocol's buffer or bytes); None before the loop has a transport or server, and for "
      "a loop with I/O threads."},
     {"completion_stats", (PyCFunction)loop_completion_stats, METH_NOARGS,
      "Completions this loop received from its I/O: batches (iterations that had any), "
