@@ -57,7 +57,8 @@ def runtime_stats() -> list[dict[str, int]]:
     """Counters of each running I/O thread, one dict per thread.
 
     Keys: ``thread`` (index), ``transports`` and ``listeners`` (owned now),
-    ``bytes_read``, ``bytes_written``, ``accepts``, ``commands`` and
+    ``bytes_read``, ``bytes_written`` (with what a loop thread sent itself on
+    the thread's connections), ``accepts``, ``commands`` and
     ``completions`` (handled so far), ``wakeups_sent`` (eventfd writes that
     woke the thread), ``wakeups_received``, ``cpu_ns`` (the thread's CPU
     time), ``wait_ns`` (its time asleep, the wait in progress included) and

@@ -117,7 +117,8 @@ void mt_io_thread_snapshot(mt_io_thread *io, mt_io_snapshot *out)
     out->transports = atomic_load(&io->stats.transports);
     out->listeners = atomic_load(&io->stats.listeners);
     out->bytes_read = atomic_load(&io->stats.bytes_read);
-    out->bytes_written = atomic_load(&io->stats.bytes_written);
+    out->bytes_written = atomic_load(&io->stats.bytes_written) +
+                         atomic_load(&io->stats.bytes_sent_direct);
     out->accepts = atomic_load(&io->stats.accepts);
     out->commands = atomic_load(&io->stats.commands);
     out->completions = atomic_load(&io->stats.completions);

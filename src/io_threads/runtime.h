@@ -311,12 +311,16 @@ static inline void mt_counter_add(_Atomic uint64_t *counter, uint64_t n)
 }
 
 /* Per-thread counters, all atomics written by their I/O thread and read by
- * anyone. */
+ * anyone, but for `bytes_sent_direct`. */
 typedef struct mt_io_stats {
     _Atomic uint64_t transports;   /* currently owned */
     _Atomic uint64_t listeners;    /* currently owned */
     _Atomic uint64_t bytes_read;
     _Atomic uint64_t bytes_written;
+    _Atomic uint64_t bytes_sent_direct; /* loop threads (any of them: fetch_add): what
+                                           they sent themselves on this thread's
+                                           records (a flow's direct send); the
+                                           snapshot's bytes_written includes it */
     _Atomic uint64_t accepts;
     _Atomic uint64_t commands;
     _Atomic uint64_t completions;

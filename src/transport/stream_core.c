@@ -556,6 +556,9 @@ static size_t direct_send(mt_stream_core *self, const char *buf, size_t len)
     }
     if (n > 0 && inline_io) /* this thread writes the inline runtime's counters */
         mt_counter_add(&mt_io_thread_stats(f->rec.io)->bytes_written, (uint64_t)n);
+    else if (n > 0) /* another loop may send on the same I/O thread's records */
+        atomic_fetch_add_explicit(&mt_io_thread_stats(f->rec.io)->bytes_sent_direct,
+                                  (uint64_t)n, memory_order_relaxed);
     if (n > 0)
         return (size_t)n;
     if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
