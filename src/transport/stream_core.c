@@ -456,13 +456,8 @@ static int read_direct(mt_stream_core *self)
             err = errno;
             if (n == -2)
                 return protocol_failed(self, no_memory_for_data);
-            if (n > 0) {
-                if ((rc = deliver_object(self, bytes)) < 0)
-                    return rc;
-                if ((size_t)n < room)
-                    return 0;
-                continue;
-            }
+            if (n > 0 && (rc = deliver_object(self, bytes)) < 0)
+                return rc;
         } else {
             Py_buffer view;
             if ((rc = protocol_buffer(self, &view)) <= 0)
@@ -471,13 +466,13 @@ static int read_direct(mt_stream_core *self)
             n = mt_flow_read_direct(f, view.buf, room);
             err = errno;
             PyBuffer_Release(&view);
-            if (n > 0) {
-                if ((rc = buffer_updated(self, (size_t)n)) <= 0)
-                    return rc;
-                if ((size_t)n < room)
-                    return 0;
-                continue;
-            }
+            if (n > 0 && (rc = buffer_updated(self, (size_t)n)) <= 0)
+                return rc;
+        }
+        if (n > 0) {
+            if ((size_t)n < room)
+                return 0;
+            continue;
         }
         if (n == 0)
             return call_transport(self, "_mt_eof", "()");
@@ -554,13 +549,15 @@ static size_t direct_send(mt_stream_core *self, const char *buf, size_t len)
          * high-water mark, as asyncio's write() pauses it. */
         atomic_store_explicit(&f->marks.output_full, true, memory_order_seq_cst);
     }
-    if (n > 0 && inline_io) /* this thread writes the inline runtime's counters */
-        mt_counter_add(&mt_io_thread_stats(f->rec.io)->bytes_written, (uint64_t)n);
-    else if (n > 0) /* another loop may send on the same I/O thread's records */
-        atomic_fetch_add_explicit(&mt_io_thread_stats(f->rec.io)->bytes_sent_direct,
-                                  (uint64_t)n, memory_order_relaxed);
-    if (n > 0)
+    if (n > 0) {
+        mt_io_stats *stats = mt_io_thread_stats(f->rec.io);
+        if (inline_io) /* this thread writes the inline runtime's counters */
+            mt_counter_add(&stats->bytes_written, (uint64_t)n);
+        else /* other loops may send on the same I/O thread's records */
+            atomic_fetch_add_explicit(&stats->bytes_sent_direct, (uint64_t)n,
+                                      memory_order_relaxed);
         return (size_t)n;
+    }
     if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
         /* A hard error: write() fails now, as asyncio's does.  The error
          * may be the socket's pending one (a reset), which this send()
